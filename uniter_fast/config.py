@@ -1,0 +1,349 @@
+"""Configuration: the model (the reference's JSON keys) and the run (a YAML or JSON recipe).
+
+Both are typed dataclasses validated on construction; an unknown key or a bad value raises
+ValueError naming it. `RunConfig()` with no arguments is the CPU quick start: the tiny model on
+synthetic shards that the run writes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Keys that BERT and HuggingFace config files carry and that do not change UNITER's architecture.
+# They are accepted (and logged) so that a `bert-base-cased/config.json` loads as it is.
+_IGNORED_KEYS = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "gradient_checkpointing",
+        "position_embedding_type",
+        "use_cache",
+        "classifier_dropout",
+        "torch_dtype",
+        "directionality",
+        "pooler_fc_size",
+        "pooler_num_attention_heads",
+        "pooler_num_fc_layers",
+        "pooler_size_per_head",
+        "pooler_type",
+        "output_past",
+    }
+)
+
+
+@dataclass(frozen=True)
+class UniterConfig:
+    """UNITER's architecture, with the reference's JSON keys as field names.
+
+    vocab_size: WordPiece vocabulary size (bert-base-cased: 28996).
+    hidden_size: width of every encoder layer.
+    num_hidden_layers: number of post-LayerNorm transformer layers.
+    num_attention_heads: attention heads per layer; must divide `hidden_size`.
+    intermediate_size: width of the feed-forward layer.
+    hidden_act: activation of the feed-forward layer and the heads; only "gelu" (erf form).
+    hidden_dropout_prob: dropout after embeddings, attention output and feed-forward output.
+    attention_probs_dropout_prob: dropout on the attention probabilities.
+    max_position_embeddings: longest text (in tokens, [CLS] and [SEP] included).
+    type_vocab_size: token types; text uses 0 and regions use 1, so at least 2.
+    initializer_range: standard deviation of the normal initialisation.
+    layer_norm_eps: epsilon of every LayerNorm (the reference hard-codes 1e-12).
+    """
+
+    vocab_size: int = 28996
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"UniterConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"UniterConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.hidden_act != "gelu":
+            raise ValueError(
+                f"UniterConfig.hidden_act must be 'gelu' (the erf form UNITER uses), "
+                f"got {self.hidden_act!r}"
+            )
+        if self.type_vocab_size < 2:
+            raise ValueError(
+                f"UniterConfig.type_vocab_size must be at least 2 (text is type 0, regions "
+                f"type 1), got {self.type_vocab_size}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"UniterConfig.{name} must be in [0, 1), got {value!r}")
+        if self.initializer_range <= 0 or self.layer_norm_eps <= 0:
+            raise ValueError("UniterConfig.initializer_range and layer_norm_eps must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> UniterConfig:
+        """Build from a dict with the reference's keys; unknown keys raise, BERT extras are logged.
+
+        The reference's own constructor argument `vocab_size_or_config_json_file` is accepted as
+        a synonym of `vocab_size` when it holds an integer.
+        """
+        values = dict(values)
+        legacy = values.pop("vocab_size_or_config_json_file", None)
+        if isinstance(legacy, int) and "vocab_size" not in values:
+            values["vocab_size"] = legacy
+        if "layer_norm_eps" not in values:
+            values["layer_norm_eps"] = 1e-12
+        fields = {f.name for f in dataclasses.fields(cls)}
+        ignored = sorted(k for k in values if k in _IGNORED_KEYS)
+        unknown = sorted(k for k in values if k not in fields and k not in _IGNORED_KEYS)
+        if unknown:
+            raise ValueError(f"{source}: unknown model config keys {unknown}")
+        if ignored:
+            log.info("%s: ignoring keys that do not change the architecture: %s", source, ignored)
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> UniterConfig:
+        """Read a JSON config (the reference's files load as they are)."""
+        path = resolve_config_path(path)
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """Find a config file: as given (relative to the working directory), else in the repository.
+
+    This lets `--model-config configs/model/uniter-base.json` work from any directory once the
+    project is installed in editable mode. A missing file raises FileNotFoundError naming both
+    places that were tried.
+    """
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    if not given.is_absolute():
+        in_repo = REPO_ROOT / given
+        if in_repo.is_file():
+            return in_repo
+        raise FileNotFoundError(f"config file not found: {given} (also tried {in_repo})")
+    raise FileNotFoundError(f"config file not found: {given}")
+
+
+# --- the run recipe ---------------------------------------------------------------------------
+
+# The reference's COCO task mix (itm : mlm : mrfr : mrckl = 6 : 8 : 4 : 4).
+DEFAULT_MIX = {"itm": 6.0, "mlm": 8.0, "mrfr": 4.0, "mrckl": 4.0}
+
+
+@dataclass
+class DatasetConfig:
+    """One training source. name: label used in logs; shards: patterns (brace, glob, directory,
+    `pipe:`); mix: task -> ratio, drawn per micro-batch in proportion to the ratios of all
+    datasets' tasks together (the reference's MetaLoader)."""
+
+    name: str
+    shards: list[str]
+    mix: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MIX))
+
+    def __post_init__(self) -> None:
+        from .data.schema import TASKS
+
+        if not self.name:
+            raise ValueError("data.train[].name must be non-empty")
+        if isinstance(self.shards, str):
+            self.shards = [self.shards]
+        if not self.shards:
+            raise ValueError(f"data.train[{self.name}].shards is empty")
+        for task, ratio in self.mix.items():
+            if task not in TASKS:
+                raise ValueError(f"data.train[{self.name}].mix: unknown task {task!r}")
+            if not ratio > 0:
+                raise ValueError(
+                    f"data.train[{self.name}].mix.{task} must be positive, got {ratio}"
+                )
+
+
+@dataclass
+class DataConfig:
+    """train: the sources (empty: synthetic shards written into the output folder);
+    val: shard patterns held out for validation (empty with synthetic data: a synthetic split);
+    tokens_per_batch: real tokens (text + regions) per micro-batch, padding never counted;
+    shuffle_buffer: pairs held for shuffling; synthetic_images / synthetic_val_images: sizes of the
+    synthetic splits; negatives_buffer: recent images ITM negatives are drawn from."""
+
+    train: list[DatasetConfig] = dataclasses.field(default_factory=list)
+    val: list[str] = dataclasses.field(default_factory=list)
+    tokens_per_batch: int = 2048
+    shuffle_buffer: int = 2000
+    negatives_buffer: int = 1000
+    synthetic_images: int = 600
+    synthetic_val_images: int = 120
+
+    def __post_init__(self) -> None:
+        self.train = [
+            d if isinstance(d, DatasetConfig) else _build(DatasetConfig, d, "data.train[]")
+            for d in self.train
+        ]
+        if isinstance(self.val, str):
+            self.val = [self.val]
+        for name in ("tokens_per_batch", "shuffle_buffer", "negatives_buffer", "synthetic_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        if self.synthetic_val_images < 0:
+            raise ValueError("data.synthetic_val_images must be non-negative")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the reference's settings; linear warm-up then linear decay to zero.
+
+    grad_accum: micro-batches per optimizer step; their gradients are summed, not averaged, as
+    in the reference (which also sums over GPUs), so the clip threshold means the same thing.
+    """
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 10000
+    grad_clip: float = 5.0
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.grad_accum < 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.grad_accum >= 1")
+        if self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError("optim.weight_decay must be >= 0 and optim.eps > 0")
+
+
+@dataclass
+class RunConfig:
+    """A training run. The defaults are the CPU quick start (tiny model, synthetic data).
+
+    model_config: JSON path (reference keys); output_dir: run folder (default: runs/<time>);
+    max_steps: optimizer steps; device: "auto" (CUDA when present), "cpu", "cuda", "cuda:N";
+    precision: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (dynamic loss scaling), "fp32";
+    wra_weight: the reference's itm_ot_lambda; log_every / save_every / val_every: in optimizer
+    steps (0 = only at the end); init_checkpoint: weights to start from (any supported layout).
+    """
+
+    model_config: str = "configs/model/uniter-tiny.json"
+    output_dir: str | None = None
+    max_steps: int = 400
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "auto"
+    wra_weight: float = 0.1
+    log_every: int = 10
+    save_every: int = 0
+    val_every: int = 0
+    init_checkpoint: str | None = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=40)
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = _build(DataConfig, self.data, "data")
+        if isinstance(self.optim, dict):
+            self.optim = _build(OptimConfig, self.optim, "optim")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("log_every", "save_every", "val_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.log_every == 0:
+            self.log_every = self.max_steps
+        if self.wra_weight < 0:
+            raise ValueError(f"wra_weight must be non-negative, got {self.wra_weight}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        return _build(cls, values, "")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> RunConfig:
+        """Read a YAML (or JSON) recipe."""
+        import yaml
+
+        path = resolve_config_path(path)
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: Any, where: str):
+    """Construct a config dataclass from a mapping; unknown keys raise ValueError naming them."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config keys: {', '.join(prefix + k for k in unknown)}")
+    return cls(**values)
