@@ -1,0 +1,188 @@
+"""UNITER and its pretraining model over packed batches.
+
+`UniterForPretraining(config)(batch, task)` computes one task's loss on a `Batch` from
+`uniter_fast.data.collate`. The step reads indices the collator prepared (`mlm_index`,
+`mrm_index`, `cu_seqlens`, ...) and never asks the host how many rows a mask selects, so nothing
+in it waits for the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import UniterConfig
+from ..data.schema import IMG_DIM, IMG_LABEL_DIM, MRM_TASKS, Batch, check_task
+from .attention import AttentionLayout
+from .embeddings import ImageEmbeddings, TextEmbeddings
+from .encoder import Encoder, Pooler
+from .heads import MLMHead, RegionClassification, RegionFeatureRegression
+
+# Batch fields each task reads beyond the inputs every task shares.
+_TASK_FIELDS = {
+    "mlm": ("mlm_index", "mlm_labels"),
+    "mrfr": ("mrm_index", "mrfr_target"),
+    "mrc": ("mrm_index", "mrc_label"),
+    "mrckl": ("mrm_index", "mrc_soft_target", "mrc_label"),
+    "itm": ("itm_target",),
+}
+
+
+class UniterModel(nn.Module):
+    """Embeddings, encoder and pooler. `forward(batch)` -> packed hidden states (N, hidden)."""
+
+    def __init__(self, config: UniterConfig, img_dim: int = IMG_DIM):
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.img_embeddings = ImageEmbeddings(config, img_dim)
+        self.encoder = Encoder(config)
+        self.pooler = Pooler(config)
+
+    def embed(self, batch: Batch, *, mask_regions: bool) -> torch.Tensor:
+        """Text and region embeddings placed at their packed rows: (N, hidden)."""
+        txt = self.embeddings(batch.input_ids, batch.txt_pos)
+        img = self.img_embeddings(
+            batch.img_feat,
+            batch.img_loc,
+            self.embeddings.token_type_embeddings.weight[1],
+            batch.img_masked if mask_regions else None,
+        )
+        hidden = txt.new_zeros(batch.num_tokens, txt.shape[1])
+        hidden.index_copy_(0, batch.txt_dest, txt)
+        hidden.index_copy_(0, batch.img_dest, img.to(txt.dtype))
+        return hidden
+
+    def forward(self, batch: Batch, *, mask_regions: bool = False) -> torch.Tensor:
+        hidden = self.embed(batch, mask_regions=mask_regions)
+        return self.encoder(hidden, AttentionLayout.from_batch(batch, hidden.shape[0]))
+
+
+class UniterForPretraining(nn.Module):
+    """UNITER with the MLM, MRFR, MRC, MRC-kl and ITM(+WRA) heads of the reference.
+
+    config: the architecture; img_dim: region feature width; img_label_dim: detector classes
+    (background included). wra_weight: weight of the WRA loss on ITM batches (the reference's
+    `itm_ot_lambda`; 0 switches WRA off); wra_beta, wra_iterations: IPOT settings.
+    """
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        img_label_dim: int = IMG_LABEL_DIM,
+        *,
+        wra_weight: float = 0.1,
+        wra_beta: float = 0.5,
+        wra_iterations: int = 50,
+    ):
+        super().__init__()
+        if wra_weight < 0:
+            raise ValueError(f"wra_weight must be non-negative, got {wra_weight}")
+        self.config = config
+        self.img_dim = img_dim
+        self.img_label_dim = img_label_dim
+        self.wra_weight = wra_weight
+        self.wra_beta = wra_beta
+        self.wra_iterations = wra_iterations
+        self.uniter = UniterModel(config, img_dim)
+        self.cls = MLMHead(config, self.uniter.embeddings.word_embeddings.weight)
+        self.feat_regress = RegionFeatureRegression(
+            config, img_dim, self.uniter.img_embeddings.img_linear.weight
+        )
+        self.region_classifier = RegionClassification(config, img_label_dim)
+        self.itm_output = nn.Linear(config.hidden_size, 2)
+        self.apply(self._init_weights)
+        with torch.no_grad():
+            self.uniter.img_embeddings.mask_embedding.weight[0].zero_()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The reference's scheme: N(0, initializer_range) for linear and embedding weights, zero
+        # biases, unit LayerNorm.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def forward(self, batch: Batch, task: str, *, metrics: bool = False) -> dict:
+        """One task's loss on a packed batch.
+
+        Returns a dict with "loss" (what is optimised) and its named parts: `mlm`, `mrfr`, `mrc`
+        or `mrckl`; for ITM `itm`, and with WRA on also `wra`, `wra_pos`, `wra_neg`
+        (`loss = itm + wra_weight * wra`). With `metrics=True` it adds accuracies as tensors
+        (`mlm_acc`, `mrc_acc`, `itm_acc`) and the number of targets they average over as ints
+        (`mlm_count`, `mrc_count`, `itm_count`).
+        """
+        check_task(task)
+        missing = [f for f in _TASK_FIELDS[task] if getattr(batch, f) is None]
+        if missing:
+            raise ValueError(
+                f"batch collated for task {batch.task!r} lacks {missing} needed by task {task!r}"
+            )
+        hidden = self.uniter(batch, mask_regions=task in MRM_TASKS)
+        if task == "mlm":
+            return self._mlm(hidden, batch, metrics)
+        if task == "mrfr":
+            return self._mrfr(hidden, batch)
+        if task in ("mrc", "mrckl"):
+            return self._mrc(hidden, batch, task, metrics)
+        return self._itm(hidden, batch, metrics)
+
+    def _mlm(self, hidden: torch.Tensor, batch: Batch, metrics: bool) -> dict:
+        head = self.cls.predictions
+        x = head.transform(ops.gather_rows(hidden, batch.mlm_index))
+        loss = ops.mlm_loss(x, head.decoder.weight, head.bias, batch.mlm_labels)
+        out = {"loss": loss, "mlm": loss}
+        if metrics:
+            logits = head.decoder(x) + head.bias
+            out["mlm_acc"] = _accuracy(logits, batch.mlm_labels)
+            out["mlm_count"] = int(batch.mlm_labels.shape[0])
+        return out
+
+    def _mrfr(self, hidden: torch.Tensor, batch: Batch) -> dict:
+        x = self.feat_regress.net(ops.gather_rows(hidden, batch.mrm_index))
+        loss = ops.mrfr_loss(x, self.feat_regress.weight, self.feat_regress.bias, batch.mrfr_target)
+        return {"loss": loss, "mrfr": loss}
+
+    def _mrc(self, hidden: torch.Tensor, batch: Batch, task: str, metrics: bool) -> dict:
+        logits = self.region_classifier(ops.gather_rows(hidden, batch.mrm_index))
+        if task == "mrc":
+            loss = ops.mrc_loss(logits, batch.mrc_label)
+        else:
+            loss = ops.mrckl_loss(logits, batch.mrc_soft_target)
+        out = {"loss": loss, task: loss}
+        if metrics:
+            out["mrc_acc"] = _accuracy(logits, batch.mrc_label)
+            out["mrc_count"] = int(batch.mrc_label.shape[0])
+        return out
+
+    def _itm(self, hidden: torch.Tensor, batch: Batch, metrics: bool) -> dict:
+        pooled = self.uniter.pooler(hidden, batch.cu_seqlens[:-1].long())
+        scores = self.itm_output(pooled)
+        itm = ops.itm_loss(scores, batch.itm_target)
+        out = {"loss": itm, "itm": itm}
+        if self.wra_weight > 0:
+            distance = ops.wra_distance_packed(
+                hidden,
+                batch.cu_seqlens,
+                batch.txt_len,
+                batch.img_len,
+                batch.max_txt_len,
+                batch.max_img_len,
+                beta=self.wra_beta,
+                iterations=self.wra_iterations,
+            )
+            out.update(ops.wra_loss(distance, batch.itm_target))
+            out["loss"] = itm + self.wra_weight * out["wra"]
+        if metrics:
+            out["itm_acc"] = _accuracy(scores, batch.itm_target)
+            out["itm_count"] = int(batch.itm_target.shape[0])
+        return out
+
+
+def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (logits.detach().argmax(dim=-1) == target).float().mean()

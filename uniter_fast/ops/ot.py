@@ -1,0 +1,162 @@
+"""Word-region alignment (WRA): cosine cost plus IPOT, the reference form.
+
+This is the oracle the fused Triton kernel is held to, so it states the maths plainly and runs in
+float64 as well as float32. The maths, for one pair with m text positions and n regions:
+
+    C[i, j] = 1 - cos(w_i, v_j)                       cost, [m, n]  (L2 normalisation eps 1e-5)
+    A = exp(-C^T / beta), T = 1, sigma = 1/m          [n, m], [n, m], [m]
+    repeat `iterations` times (one inner step, k = 1):
+        Q = A * T
+        delta = 1 / (n * Q @ sigma)                   [n]
+        sigma = 1 / (m * Q^T @ delta)                 [m]
+        T = delta[:, None] * Q * sigma[None, :]
+    distance = sum_ij C[i, j] * T[j, i]
+
+The plan T is a constant: it is computed without a graph, and the gradient of the distance flows
+through the cost only (as in the reference). Padded rows and columns are zero in A, T and C, so
+padding never changes the result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+COSINE_EPS = 1e-5
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 at least (the reference runs WRA in fp32 whatever the training precision); float64 kept.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """lengths: (batch,) -> bool (batch, max_len), True at real positions."""
+    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
+
+
+def cosine_cost(txt: torch.Tensor, img: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
+    """txt: (batch, m, hidden), img: (batch, n, hidden) -> cost (batch, m, n) = 1 - cosine."""
+    txt = F.normalize(txt, p=2, dim=-1, eps=eps)
+    img = F.normalize(img, p=2, dim=-1, eps=eps)
+    return 1 - txt @ img.transpose(1, 2)
+
+
+@torch.no_grad()
+def ipot_plan(
+    cost: torch.Tensor,
+    txt_len: torch.Tensor,
+    img_len: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    iterations: int = 50,
+) -> torch.Tensor:
+    """The IPOT transport plan with uniform marginals over the real positions.
+
+    cost: (batch, m, n), zero at padding; txt_len, img_len: (batch,), each at least 1.
+    Returns T: (batch, n, m), zero at padding, rows summing to 1/img_len, columns to 1/txt_len
+    once converged.
+    """
+    if beta <= 0:
+        raise ValueError(f"ipot_plan: beta must be positive, got {beta}")
+    if iterations < 1:
+        raise ValueError(f"ipot_plan: iterations must be at least 1, got {iterations}")
+    _, m, n = cost.shape
+    txt_valid = length_mask(txt_len, m)  # [B, m]
+    img_valid = length_mask(img_len, n)  # [B, n]
+    joint = img_valid[:, :, None] & txt_valid[:, None, :]  # [B, n, m]
+    m_len = txt_len.to(cost.dtype)[:, None]  # [B, 1]
+    n_len = img_len.to(cost.dtype)[:, None]
+
+    zero = cost.new_zeros(())
+    A = torch.where(joint, torch.exp(-cost.transpose(1, 2) / beta), zero)
+    T = joint.to(cost.dtype)
+    sigma = torch.where(txt_valid, 1 / m_len, zero)  # [B, m]
+    for _ in range(iterations):
+        Q = A * T
+        # Padded rows of Q are all zero: mask the division result (not the input) so that no
+        # 1/0 ever reaches a product.
+        delta = torch.where(img_valid, 1 / (n_len * (Q @ sigma[:, :, None]).squeeze(-1)), zero)
+        sigma = torch.where(txt_valid, 1 / (m_len * (delta[:, None, :] @ Q).squeeze(1)), zero)
+        T = delta[:, :, None] * Q * sigma[:, None, :]
+    return T
+
+
+def wra_distance(
+    txt: torch.Tensor,
+    img: torch.Tensor,
+    txt_len: torch.Tensor,
+    img_len: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    iterations: int = 50,
+) -> torch.Tensor:
+    """Optimal-transport distance between each pair's text and region states (padded inputs).
+
+    txt: (batch, m, hidden), img: (batch, n, hidden), any float dtype (computed in at least fp32);
+    txt_len, img_len: (batch,) real lengths, each at least 1; positions past them are ignored.
+    Returns (batch,) distances in the compute dtype; differentiable in txt and img with the plan
+    held constant.
+    """
+    if (
+        txt.dim() != 3
+        or img.dim() != 3
+        or txt.shape[0] != img.shape[0]
+        or txt.shape[2] != img.shape[2]
+    ):
+        raise ValueError(
+            f"wra_distance: expected txt (B, m, H) and img (B, n, H), got {tuple(txt.shape)} "
+            f"and {tuple(img.shape)}"
+        )
+    dtype = _compute_dtype(txt.dtype)
+    cost = cosine_cost(txt.to(dtype), img.to(dtype))
+    joint = (
+        length_mask(txt_len, txt.shape[1])[:, :, None]
+        & length_mask(img_len, img.shape[1])[:, None, :]
+    )
+    cost = cost.masked_fill(~joint, 0)
+    plan = ipot_plan(cost.detach(), txt_len, img_len, beta=beta, iterations=iterations)
+    return (cost * plan.transpose(1, 2)).sum(dim=(1, 2))
+
+
+def gather_pairs(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    txt_len: torch.Tensor,
+    img_len: torch.Tensor,
+    max_txt_len: int,
+    max_img_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded text and region blocks of each packed sequence, without a host sync.
+
+    hidden: (N, hidden) packed states; returns txt (B, max_txt_len, hidden) and
+    img (B, max_img_len, hidden), zero past each pair's lengths.
+    """
+    start = cu_seqlens[:-1].long()[:, None]
+    padded = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[1])])
+    pad_row = hidden.shape[0]
+    t = torch.arange(max_txt_len, device=hidden.device)
+    i = torch.arange(max_img_len, device=hidden.device)
+    txt_rows = torch.where(t < txt_len[:, None], start + t, pad_row)
+    img_rows = torch.where(i < img_len[:, None], start + txt_len[:, None] + i, pad_row)
+    return padded[txt_rows], padded[img_rows]
+
+
+def wra_distance_packed(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    txt_len: torch.Tensor,
+    img_len: torch.Tensor,
+    max_txt_len: int,
+    max_img_len: int,
+    *,
+    beta: float = 0.5,
+    iterations: int = 50,
+) -> torch.Tensor:
+    """WRA distance of every packed sequence (text block then region block): (B,).
+
+    hidden: (N, hidden) encoder output; cu_seqlens: (B+1,); txt_len, img_len: (B,);
+    max_txt_len, max_img_len: Python ints bounding the lengths (known to the collator).
+    """
+    txt, img = gather_pairs(hidden, cu_seqlens, txt_len, img_len, max_txt_len, max_img_len)
+    return wra_distance(txt, img, txt_len, img_len, beta=beta, iterations=iterations)
