@@ -275,6 +275,9 @@ class RunConfig:
     precision: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (dynamic loss scaling), "fp32";
     wra_weight: the reference's itm_ot_lambda; log_every / save_every / val_every: in optimizer
     steps (0 = only at the end); init_checkpoint: weights to start from (any supported layout).
+
+    The defaults of `optim` here are the quick start's (lr 1e-3, 40 warm-up steps); an `optim`
+    section in a recipe starts from `OptimConfig`'s, which are the reference's (lr 5e-5, 10k).
     """
 
     model_config: str = "configs/model/uniter-tiny.json"
