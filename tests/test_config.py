@@ -1,0 +1,111 @@
+"""Model and run configs: the reference's JSON keys, validation that names the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from uniter_fast.config import REPO_ROOT, RunConfig, UniterConfig
+
+REFERENCE_BASE = {
+    "attention_probs_dropout_prob": 0.1,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "type_vocab_size": 2,
+    "vocab_size": 28996,
+}
+
+
+def test_reference_json_loads_as_is(tmp_path):
+    path = tmp_path / "uniter-base.json"
+    path.write_text(json.dumps(REFERENCE_BASE))
+    cfg = UniterConfig.from_json(path)
+    assert cfg == UniterConfig.from_json("configs/model/uniter-base.json")
+    assert {k: cfg.to_dict()[k] for k in REFERENCE_BASE} == REFERENCE_BASE
+    assert cfg.layer_norm_eps == 1e-12 and cfg.head_dim == 64
+
+
+def test_shipped_configs():
+    large = UniterConfig.from_json("configs/model/uniter-large.json")
+    assert (
+        large.num_hidden_layers,
+        large.hidden_size,
+        large.num_attention_heads,
+        large.intermediate_size,
+    ) == (24, 1024, 16, 4096)
+    tiny = UniterConfig.from_json(REPO_ROOT / "configs/model/uniter-tiny.json")
+    assert tiny.vocab_size == 28996 and tiny.hidden_size % tiny.num_attention_heads == 0
+
+
+def test_round_trip_and_bert_extras(tmp_path):
+    cfg = UniterConfig(
+        hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=1
+    )
+    assert UniterConfig.from_dict(cfg.to_dict()) == cfg
+    bert = dict(
+        REFERENCE_BASE, architectures=["BertForMaskedLM"], model_type="bert", pad_token_id=0
+    )
+    assert UniterConfig.from_dict(bert).hidden_size == 768
+    assert UniterConfig.from_dict({"vocab_size_or_config_json_file": 30522}).vocab_size == 30522
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hiddden_size": 768}, "unknown model config keys.*hiddden_size"),
+        ({"num_attention_heads": 5}, "divisible by num_attention_heads"),
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"type_vocab_size": 1}, "type_vocab_size"),
+        ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ],
+)
+def test_model_config_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        UniterConfig.from_dict({**REFERENCE_BASE, **change})
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        UniterConfig.from_json(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        UniterConfig.from_json(bad)
+
+
+def test_quick_start_yaml_is_the_embedded_default():
+    assert RunConfig.from_file("configs/pretrain/tiny-cpu.yaml") == RunConfig()
+
+
+def test_run_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="optim.lrr"):
+        RunConfig.from_dict({"optim": {"lrr": 1.0}})
+    with pytest.raises(ValueError, match=r"data.train\[coco\].mix: unknown task 'vqa'"):
+        RunConfig.from_dict(
+            {"data": {"train": [{"name": "coco", "shards": "x.tar", "mix": {"vqa": 1}}]}}
+        )
+    with pytest.raises(ValueError, match="precision"):
+        RunConfig(precision="fp8")
+    with pytest.raises(ValueError, match="max_steps"):
+        RunConfig(max_steps=0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "max_steps: 10\noptim:\n  warmup_steps: 2\n"
+        "data:\n  train:\n    - {name: a, shards: 'a/*.tar'}\n"
+    )
+    cfg = RunConfig.from_file(recipe)
+    assert cfg.max_steps == 10 and cfg.optim.warmup_steps == 2
+    assert cfg.optim.lr == 5e-5  # a recipe's optim section starts from the reference's values
+    assert cfg.data.train[0].shards == ["a/*.tar"] and cfg.data.train[0].mix["mlm"] == 8.0
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [1, 2")
+    with pytest.raises(ValueError, match="broken.yaml: not valid YAML"):
+        RunConfig.from_file(broken)
