@@ -74,17 +74,24 @@ class LoadReport:
 
 
 def _targets(model: nn.Module) -> OrderedDict[str, tuple[torch.Tensor, slice | None]]:
-    """Reference key -> (model tensor, row slice of it or None), in module order."""
+    """Reference key -> (model tensor, row slice of it or None), in the reference's key order."""
+    state = model.state_dict(keep_vars=True)
     out: OrderedDict[str, tuple[torch.Tensor, slice | None]] = OrderedDict()
-    for key, tensor in model.state_dict(keep_vars=True).items():
+    for key, tensor in state.items():
         m = _QKV.match(key)
         if m is None:
             out[key] = (tensor, None)
             continue
         prefix, kind = m.groups()
+        if kind == "bias" and f"{prefix}.qkv.weight" in state:
+            continue  # emitted with the weight, in the reference's order below
         rows = tensor.shape[0] // 3
+        bias = state.get(f"{prefix}.qkv.bias") if kind == "weight" else None
         for part, i in _PART.items():
-            out[f"{prefix}.{part}.{kind}"] = (tensor, slice(i * rows, (i + 1) * rows))
+            block = slice(i * rows, (i + 1) * rows)
+            out[f"{prefix}.{part}.{kind}"] = (tensor, block)
+            if bias is not None:  # query.weight, query.bias, key.weight, ...
+                out[f"{prefix}.{part}.bias"] = (bias, block)
     return out
 
 
