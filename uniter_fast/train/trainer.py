@@ -213,6 +213,7 @@ def train(run: Run) -> dict:
     window_tokens = window_pairs = 0
     total_tokens = 0
     window_start = run_start = time.perf_counter()
+    tokens_per_s = 0.0  # of the last log window, shown on the progress bar until the next
     checkpoint = None
 
     for step in range(1, cfg.max_steps + 1):
@@ -257,7 +258,7 @@ def train(run: Run) -> dict:
             window_start = time.perf_counter()
             progress.update(step, latest, tokens_per_s, log_line=True)
         else:
-            progress.update(step, latest, 0.0, log_line=False)
+            progress.update(step, latest, tokens_per_s, log_line=False)
 
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
             checkpoint = _checkpoint(run, step, model, engine, batches)
