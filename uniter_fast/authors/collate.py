@@ -49,8 +49,9 @@ def _compute_pad(lens, max_len):
 def collate(examples, task, *, ot=True):
     """The authors' padded batch for `task` from example dicts."""
     input_ids = [torch.as_tensor(np.asarray(ex["input_ids"]), dtype=torch.long) for ex in examples]
-    img_feats = [torch.from_numpy(np.asarray(ex["img_feat"], dtype=np.float32)) for ex in examples]
-    img_pos = [torch.from_numpy(np.asarray(ex["img_loc"], dtype=np.float32)) for ex in examples]
+    # np.array copies: the reference reads fresh arrays; shard records are read-only.
+    img_feats = [torch.from_numpy(np.array(ex["img_feat"], dtype=np.float32)) for ex in examples]
+    img_pos = [torch.from_numpy(np.array(ex["img_loc"], dtype=np.float32)) for ex in examples]
     txt_lens = [t.size(0) for t in input_ids]
     num_bbs = [f.size(0) for f in img_feats]
     attn_masks = [
@@ -89,7 +90,7 @@ def collate(examples, task, *, ot=True):
             batch["feat_targets"] = img_feat[ext].contiguous().view(-1, img_feat.size(-1))
         else:
             soft = [
-                torch.from_numpy(np.asarray(ex["soft_labels"], dtype=np.float32)) for ex in examples
+                torch.from_numpy(np.array(ex["soft_labels"], dtype=np.float32)) for ex in examples
             ]
             soft = pad_tensors(soft, num_bbs)
             ext_label = img_masks.unsqueeze(-1).expand_as(soft)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -47,11 +48,13 @@ def environment_info(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    for name in ("triton", "deepspeed", "webdataset", "flash_attn"):
+    # Versions from package metadata: importing deepspeed or flash-attn just to read a version
+    # is slow and has side effects (accelerator probing, CUDA initialisation).
+    for name in ("triton", "deepspeed", "webdataset", "flash-attn"):
         try:
-            info[name] = __import__(name).__version__
-        except Exception:  # absent or broken optional package: record it, never fail on it
-            info[name] = None
+            info[name.replace("-", "_")] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name.replace("-", "_")] = None
     return info
 
 
