@@ -11,6 +11,7 @@ stages and their order stay.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -156,21 +157,26 @@ def iter_eval_batches(
     tokens_per_batch: int,
     seed: int = 0,
     vocab: Vocab = BERT_BASE_CASED,
+    negatives_pool: int = 1000,
 ) -> Iterator[Batch]:
     """One deterministic pass over held-out shards for one task (same seed, same batches).
 
-    ITM negatives are drawn from the held-out images themselves, so they are never seen in
-    training either.
+    Images stream through, so memory stays bounded whatever the split's size. ITM negatives are
+    drawn from the first `negatives_pool` held-out images (read once ahead), so they are never
+    training images either.
     """
     rng = np.random.default_rng([seed, 2])
-    images = [image for url in urls for image in iter_shard(url, vocab=vocab)]
-    if len(images) < 2:
-        raise ValueError(f"validation needs at least two images, the shards hold {len(images)}")
-    negatives = NegativeImageSampler(len(images))
-    for image in images:
-        negatives.add(image)
+    negatives = None
+    if task == "itm":
+        negatives = NegativeImageSampler(negatives_pool)
+        for image in itertools.islice(_stream(urls, vocab), negatives_pool):
+            negatives.add(image)
+        if len(negatives) < 2:
+            raise ValueError(
+                f"ITM validation needs at least two images, the shards hold {len(negatives)}"
+            )
     examples, tokens = [], 0
-    for image in images:
+    for image in _stream(urls, vocab):
         for caption in image.captions:
             cost = pair_tokens(caption, image)
             if examples and tokens + cost > tokens_per_batch:
@@ -182,3 +188,8 @@ def iter_eval_batches(
             tokens += cost
     if examples:
         yield collate(examples, task)
+
+
+def _stream(urls: Sequence[str], vocab: Vocab) -> Iterator[ImageRecord]:
+    for url in urls:
+        yield from iter_shard(url, vocab=vocab)
