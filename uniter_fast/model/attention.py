@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UniterConfig
+from ..ops import gather_padded
 
 
 @dataclass
@@ -46,11 +47,7 @@ class AttentionLayout:
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, F) -> (B, Lpad, F), zeros at padding."""
-        return (
-            torch.cat([x, x.new_zeros(1, x.shape[1])])
-            .index_select(0, self.pad_index.flatten())
-            .view(*self.pad_index.shape, x.shape[1])
-        )
+        return gather_padded(x, self.pad_index)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Lpad, F) -> (N, F)."""

@@ -1,6 +1,7 @@
 """Ops with a reference form (this package) and, later, fused kernels (`uniter_fast.kernels`)."""
 
 from .losses import (
+    gather_padded,
     gather_rows,
     itm_loss,
     mlm_loss,
@@ -13,6 +14,7 @@ from .ot import cosine_cost, gather_pairs, ipot_plan, wra_distance, wra_distance
 
 __all__ = [
     "cosine_cost",
+    "gather_padded",
     "gather_pairs",
     "gather_rows",
     "ipot_plan",

@@ -25,6 +25,15 @@ def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return hidden.index_select(0, index)
 
 
+def gather_padded(packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Padded view of packed rows: packed (N, F), index (*S) with N at padding -> (*S, F).
+
+    Index N reads an appended zero row, so padded positions are zero without a mask.
+    """
+    rows = torch.cat([packed, packed.new_zeros(1, packed.shape[1])])
+    return rows.index_select(0, index.reshape(-1)).view(*index.shape, packed.shape[1])
+
+
 def mlm_loss(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .losses import gather_padded
+
 COSINE_EPS = 1e-5
 
 
@@ -133,13 +135,12 @@ def gather_pairs(
     img (B, max_img_len, hidden), zero past each pair's lengths.
     """
     start = cu_seqlens[:-1].long()[:, None]
-    padded = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[1])])
     pad_row = hidden.shape[0]
     t = torch.arange(max_txt_len, device=hidden.device)
     i = torch.arange(max_img_len, device=hidden.device)
     txt_rows = torch.where(t < txt_len[:, None], start + t, pad_row)
     img_rows = torch.where(i < img_len[:, None], start + txt_len[:, None] + i, pad_row)
-    return padded[txt_rows], padded[img_rows]
+    return gather_padded(hidden, txt_rows), gather_padded(hidden, img_rows)
 
 
 def wra_distance_packed(
