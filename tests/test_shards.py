@@ -417,7 +417,7 @@ def test_iter_shard_truncated_tar(tmp_path):
     with pytest.raises(ShardFormatError) as info:
         list(iter_shard(str(cut)))
     assert info.value.reason == "tar" and info.value.shard == "cut.tar"
-    assert "unexpected end of data" in str(info.value)
+    assert "truncated member" in str(info.value)
     with pytest.raises(FileNotFoundError):
         list(iter_shard(str(tmp_path / "absent.tar")))
 

@@ -26,9 +26,8 @@ import json
 import math
 import os
 import re
-import tarfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from glob import escape as glob_escape
 from glob import glob
@@ -39,7 +38,6 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset import TarWriter
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .schema import (
     BERT_BASE_CASED,
@@ -51,6 +49,7 @@ from .schema import (
     SHARD_FIELDS,
     Vocab,
 )
+from .tarstream import SampleDamage, iter_samples
 
 __all__ = [
     "REASONS",
@@ -81,7 +80,8 @@ REASONS = (
     "special_token",  # [PAD]/[CLS]/[SEP]/[MASK] inside a raw caption (the builders add them)
     "key",  # a sample key WebDataset cannot round-trip (empty, or a '.' in its last component)
     "duplicate_key",  # the same key twice in one shard (WebDataset would merge the samples)
-    "tar",  # the tar stream itself is broken (truncated, duplicate member names)
+    "tar",  # the tar stream itself is damaged (bad header, truncated)
+    "io",  # the shard cannot be opened or read (missing file, failing pipe command)
 )
 
 # Keys WebDataset adds to a sample dict; they are strings, not members, and never decoded.
@@ -202,10 +202,10 @@ def validate_record(
                 )
         elif value.shape != (n, width):
             raise fail(member, "shape", f"has shape {value.shape}, expected ({n}, {width})")
-        if not np.isfinite(value).all():
-            bad = int(np.count_nonzero(~np.isfinite(value)))
-            raise fail(member, "nonfinite", f"has {bad} NaN/Inf values")
-    if (record.soft < 0).any():
+        nonfinite = _nonfinite(value)
+        if nonfinite.any():
+            raise fail(member, "nonfinite", f"has {int(nonfinite.sum())} NaN/Inf values")
+    if _negative(record.soft).any():
         raise fail("soft.npy", "range", f"has negative probabilities (min {record.soft.min()})")
 
     captions = record.captions
@@ -253,6 +253,20 @@ def validate_record(
             )
     if not isinstance(record.meta, dict):
         raise fail("meta.json", "type", f"is a {type(record.meta).__name__}, expected an object")
+
+
+def _nonfinite(a: np.ndarray) -> np.ndarray:
+    # float16 has no native arithmetic in NumPy: test the exponent bits instead (20x faster than
+    # np.isfinite on the features and soft labels every sample carries).
+    if a.dtype == np.float16:
+        return (a.view(np.uint16) & 0x7C00) == 0x7C00
+    return ~np.isfinite(a)
+
+
+def _negative(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.float16:  # sign bit set, -0.0 (0x8000) excepted; NaNs are caught before
+        return a.view(np.uint16) > 0x8000
+    return a < 0
 
 
 def _check_key(key: Any, shard: str) -> None:
@@ -360,7 +374,39 @@ def decode_sample(
     return record
 
 
+# The header `np.save` writes for a plain C-order array of a simple dtype. Members written that
+# way (all of ours) are read without a copy; anything else goes through NumPy's own reader.
+_NPY_FAST_HEADER = re.compile(
+    rb"\{'descr': '(<f2|<f4|<f8|<i4|<i8|\|b1)', 'fortran_order': False, "
+    rb"'shape': \(((?:\d+, ?)*\d*)\), \} *\n"
+)
+
+
+def _load_npy_fast(data: bytes) -> np.ndarray | None:
+    if not isinstance(data, bytes) or data[:6] != b"\x93NUMPY" or len(data) < 10:
+        return None
+    if data[6] == 1:
+        start, size = 10, int.from_bytes(data[8:10], "little")
+    elif data[6] in (2, 3):
+        start, size = 12, int.from_bytes(data[8:12], "little")
+    else:
+        return None
+    match = _NPY_FAST_HEADER.fullmatch(data, start, start + size)
+    if match is None:
+        return None
+    dtype = np.dtype(match.group(1).decode())
+    shape = tuple(int(x) for x in match.group(2).split(b",") if x.strip())
+    count = math.prod(shape)
+    if len(data) - (start + size) != count * dtype.itemsize:
+        return None  # let NumPy's reader say what is wrong
+    # A view on the immutable bytes: read-only, no copy.
+    return np.frombuffer(data, dtype=dtype, count=count, offset=start + size).reshape(shape)
+
+
 def _load_npy(data: bytes, shard: str, key: str, member: str) -> np.ndarray:
+    fast = _load_npy_fast(data)
+    if fast is not None:
+        return fast
     # `read_array` parses exactly one .npy payload: unlike `np.load` it never dispatches to the
     # .npz or pickle readers whatever the leading bytes are.
     try:
@@ -448,7 +494,26 @@ class ShardWriter:
         this is set, in which case they are deleted up front (so that a smaller rewrite never
         leaves stale shards of an older run beside the new ones).
     vocab: the vocabulary captions are checked against.
+    start_index: the index of the first shard written (resuming a conversion). Shards below it
+        are left alone (they belong to the run being resumed); only those at or above it count
+        as existing for `overwrite`.
+    on_shard_finished: called with the shard's entry of `finished` right after each shard is
+        renamed into place (a converter journals its progress there).
+
+    `finished` lists one dict per finished shard: `name`, `samples`, `pairs` (captions),
+    `bytes`, `sha256` (of the file, computed while writing), `first_key`, `last_key`.
     """
+
+    class _HashingSink:
+        """A write-only file wrapper that hashes what goes through (no second read of a shard)."""
+
+        def __init__(self, file, digest) -> None:
+            self._file = file
+            self._digest = digest
+
+        def write(self, data) -> int:
+            self._digest.update(data)
+            return self._file.write(data)
 
     def __init__(
         self,
@@ -459,6 +524,8 @@ class ShardWriter:
         max_bytes: int = 256 * 2**20,
         overwrite: bool = False,
         vocab: Vocab = BERT_BASE_CASED,
+        start_index: int = 0,
+        on_shard_finished: Callable[[dict], None] | None = None,
     ) -> None:
         if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
             raise ValueError(f"ShardWriter prefix must be a plain file-name stem, got {prefix!r}")
@@ -466,6 +533,8 @@ class ShardWriter:
             raise ValueError(f"ShardWriter max_samples must be >= 1, got {max_samples}")
         if max_bytes < 1:
             raise ValueError(f"ShardWriter max_bytes must be >= 1, got {max_bytes}")
+        if start_index < 0:
+            raise ValueError(f"ShardWriter start_index must be >= 0, got {start_index}")
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.max_samples = int(max_samples)
@@ -473,6 +542,7 @@ class ShardWriter:
         self.vocab = vocab
         self.out_dir.mkdir(parents=True, exist_ok=True)
         existing = sorted(self.out_dir.glob(glob_escape(prefix) + "-" + "[0-9]" * 6 + ".tar"))
+        existing = [p for p in existing if int(p.stem.rsplit("-", 1)[1]) >= start_index]
         if existing and not overwrite:
             raise FileExistsError(
                 f"{self.out_dir} already holds {len(existing)} shard(s) named {prefix}-*.tar "
@@ -482,7 +552,13 @@ class ShardWriter:
             path.unlink()
 
         self._paths: list[Path] = []
-        self._index = 0
+        self._index = int(start_index)
+        self._on_shard_finished = on_shard_finished
+        self.finished: list[dict] = []
+        self._digest = None
+        self._pairs = 0
+        self._first_key: str | None = None
+        self._last_key: str | None = None
         self._file: io.BufferedWriter | None = None
         self._tar: TarWriter | None = None
         self._tmp: Path | None = None
@@ -535,14 +611,22 @@ class ShardWriter:
         self._keys.add(record.key)
         self._count += 1
         self._bytes += size
+        self._pairs += len(record.captions)
+        if self._first_key is None:
+            self._first_key = record.key
+        self._last_key = record.key
 
     def _open(self) -> None:
         final = self._name(self._index)
         # A hidden name that matches no '*.tar' pattern: readers never pick it up.
         self._tmp = self.out_dir / f".{final}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
         self._file = open(self._tmp, "xb")  # closed in _finish / _abort
+        import hashlib
+
+        self._digest = hashlib.sha256()
+        sink = ShardWriter._HashingSink(self._file, self._digest)
         # encoder=False: members go in as the bytes we made (never through a pickle encoder).
-        self._tar = TarWriter(self._file, encoder=False, mtime=_MEMBER_MTIME, format="PAX_FORMAT")
+        self._tar = TarWriter(sink, encoder=False, mtime=_MEMBER_MTIME, format="PAX_FORMAT")
 
     def _finish(self) -> None:
         self._tar.close()
@@ -553,11 +637,25 @@ class ShardWriter:
         os.replace(self._tmp, final)
         self._paths.append(final)
         self.num_samples += self._count
-        self._tar = self._file = self._tmp = None
+        info = {
+            "name": final.name,
+            "samples": self._count,
+            "pairs": self._pairs,
+            "bytes": final.stat().st_size,
+            "sha256": self._digest.hexdigest(),
+            "first_key": self._first_key,
+            "last_key": self._last_key,
+        }
+        self.finished.append(info)
+        self._tar = self._file = self._tmp = self._digest = None
         self._index += 1
         self._count = 0
         self._bytes = 0
         self._keys = set()
+        self._pairs = 0
+        self._first_key = self._last_key = None
+        if self._on_shard_finished is not None:
+            self._on_shard_finished(dict(info))
 
     def _abort(self) -> None:
         tmp = self._tmp
@@ -570,10 +668,12 @@ class ShardWriter:
             if self._file is not None:
                 self._file.close()
         finally:
-            self._tar = self._file = self._tmp = None
+            self._tar = self._file = self._tmp = self._digest = None
             self._count = 0
             self._bytes = 0
             self._keys = set()
+            self._pairs = 0
+            self._first_key = self._last_key = None
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
 
@@ -665,41 +765,91 @@ def shard_name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def iter_shard(url: str, *, vocab: Vocab = BERT_BASE_CASED) -> Iterator[ImageRecord]:
+def iter_shard(
+    url: str,
+    *,
+    vocab: Vocab = BERT_BASE_CASED,
+    on_bad: Callable[[ShardFormatError], None] | None = None,
+    skip: int = 0,
+    positions: bool = False,
+) -> Iterator[ImageRecord] | Iterator[tuple[int, ImageRecord]]:
     """Yield the validated records of one shard, in file order; `record.shard` is its basename.
 
-    Uses WebDataset's tar iterator (streaming; local files and `pipe:` URLs) without any
-    decoder stage, then `decode_sample`. Bad samples raise `ShardFormatError` (reason as in
-    `decode_sample`); a broken tar stream raises it with reason "tar" (key None; the message
-    names the last sample read).
-    A missing file raises the usual FileNotFoundError.
+    Reads the tar stream with `tarstream.iter_samples` (local files and `pipe:` URLs, opened
+    with WebDataset's `gopen`), which sees damaged headers and truncation instead of taking
+    them for the end of the archive, then decodes each sample with `decode_sample`.
+
+    on_bad: None (default) raises the first problem as `ShardFormatError`. Otherwise each bad
+        sample is passed to `on_bad` and skipped, and reading goes on: a damaged header costs
+        the samples it touches, a truncated stream ends the shard (reason "tar"), a sample
+        whose key was seen before in the shard is skipped as "duplicate_key", and a shard that
+        cannot be opened at all is reported once with reason "io". Only `ShardFormatError`
+        (bad data) is handled this way; any other exception (a bug) propagates.
+    skip: sample groups to pass over unread first (resuming inside a shard).
+    positions: yield `(index, record)`, where index is the sample's ordinal in the shard
+        (the `skip` that resumes right after it is index + 1).
     """
     name = shard_name(url)
     url = os.fspath(url)
-    # We open (and close) the stream ourselves: WebDataset's url_opener leaves files to the
-    # garbage collector, which a loader going through thousands of shards should not do.
-    stream = gopen(url, "rb")
+
+    def bad(err: ShardFormatError) -> None:
+        if on_bad is None:
+            raise err
+        on_bad(err)
+
     try:
-        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-        last_key = None
-        while True:
+        # We open (and close) the stream ourselves: WebDataset's url_opener leaves files to
+        # the garbage collector, which a loader going through thousands of shards should not.
+        stream = gopen(url, "rb")
+    except OSError as e:
+        if on_bad is None or isinstance(e, FileNotFoundError) and not _is_url(url):
+            raise
+        bad(ShardFormatError(name, None, None, "io", f"cannot be opened: {e}"))
+        return
+    # Damage met right after the last good sample, not yet blamed on a lost sample: if the next
+    # sample decodes too, the damage cost no sample and is counted on its own.
+    pending: str | None = None
+    last_key = None
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            bad(ShardFormatError(name, None, None, "tar", f"{pending} (after {last_key!r})"))
+            pending = None
+
+    try:
+        for item in iter_samples(stream, skip=skip):
+            if isinstance(item, SampleDamage):
+                flush()
+                if item.key is None:
+                    where = "at the start" if last_key is None else f"after sample {last_key!r}"
+                    bad(ShardFormatError(name, None, None, "tar", f"{item.detail} ({where})"))
+                else:
+                    bad(ShardFormatError(name, item.key, None, item.reason, item.detail))
+                continue
             try:
-                raw = next(samples)
-            except StopIteration:
-                return
-            except (tarfile.TarError, EOFError, ValueError) as e:
-                # ValueError: group_by_keys on duplicate member names within a sample.
-                where = "at the start" if last_key is None else f"after sample {last_key!r}"
-                raise ShardFormatError(
-                    name, None, None, "tar", f"broken tar stream {where}: {_first_arg(e)}"
-                ) from e
-            last_key = raw.get("__key__")
-            yield decode_sample(raw, shard=name, vocab=vocab)
+                record = decode_sample(
+                    {"__key__": item.key, **item.members}, shard=name, vocab=vocab
+                )
+            except ShardFormatError as err:
+                damage = item.damage_before or item.damage_after
+                if damage is not None and err.reason == "missing_field":
+                    # Members lost to the damage: the sample was lost to it, not mis-written.
+                    err = ShardFormatError(name, item.key, err.field, "tar", f"lost to {damage}")
+                    if pending == item.damage_before:
+                        pending = None
+                flush()
+                bad(err)
+                continue
+            flush()
+            last_key = item.key
+            pending = item.damage_after
+            yield (item.index, record) if positions else record
+        flush()
+    except OSError as e:
+        # A pipe whose command fails, or a file that goes away mid-read.
+        if on_bad is None:
+            raise
+        bad(ShardFormatError(name, None, None, "io", f"read failed: {e}"))
     finally:
         stream.close()
-
-
-def _first_arg(e: BaseException) -> str:
-    # WebDataset appends the stream and URL to exception args and " @ <stream>" to the message.
-    first = e.args[0] if e.args else e
-    return str(first).split(" @ ")[0]
