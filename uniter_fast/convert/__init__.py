@@ -1,4 +1,12 @@
-"""Converters: checkpoints between layouts, and (next) raw feature formats to shards."""
+"""Converters: checkpoints between layouts, and raw feature formats to shards.
+
+Feature converters (`python -m uniter_fast.convert --help`): `lmdb` (the reference's image and
+text LMDBs), `butd_tsv` (bottom-up-attention TSV + COCO captions), `captions` (per-image .npz +
+COCO captions), `verify` (check a shard set), on the shared machinery of `common` (region
+selection, counting, resumable journaled writing, manifest). They are not imported here: their
+dependencies (lmdb, tokenizers, msgpack, lz4) are the optional extra `convert`
+(`pip install -e ".[convert]"`), imported only when a converter runs.
+"""
 
 from .checkpoints import (
     LoadReport,

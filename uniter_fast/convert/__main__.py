@@ -1,0 +1,314 @@
+"""Command line: convert feature sources into WebDataset shards, and verify shard sets.
+
+    python -m uniter_fast.convert lmdb --img-db IMG_DB --txt-db TXT_DB --out DIR
+    python -m uniter_fast.convert butd-tsv --tsv FILE [--tsv FILE ...] --captions JSON \\
+        --vocab vocab.txt --fields image_id,image_w,image_h,num_boxes,boxes,features,cls_prob \\
+        --out DIR
+    python -m uniter_fast.convert npz-captions --npz-dir DIR --captions JSON --vocab vocab.txt \\
+        --out DIR
+    python -m uniter_fast.convert verify DIR_OR_PATTERN [--manifest PATH] [--deep]
+
+`python -m uniter_fast.convert SUBCOMMAND --help` explains each. Exit status: 0 done (verify:
+clean), 1 refused or failed (verify: problems found), 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from ..data.schema import MAX_REGIONS, MIN_REGIONS
+from .common import ConvertError, ConvertOptions, RegionPolicy, parse_size, run_conversion
+
+PROG = "python -m uniter_fast.convert"
+
+_COMMON_HELP = """
+Output: DIR/{prefix}-NNNNNN.tar shards (one sample per image: fp16 features, 7-d boxes, fp16
+soft labels, its captions as token ids), DIR/manifest.json (arguments, vocabulary, region
+selection, shards with sha256, totals, skips by reason, histograms). Every file is written under
+a temporary name and renamed when whole.
+
+Resuming: a killed conversion leaves DIR/.convert-journal.json; running the same command again
+verifies the finished shards and continues after the last one, giving byte-identical output. A
+different command on that DIR, or any command on a finished DIR, is refused unless --overwrite.
+
+Regions kept per image: clamp(#(conf > 0.2), 10, 100), top by confidence. Captions over 60
+tokens are left out; images left without captions are skipped. Bad source records are skipped
+and counted by reason; more than --max-bad-fraction of them fails the conversion.
+"""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    g.add_argument("--prefix", default="shard", help="shard names: PREFIX-NNNNNN.tar (shard)")
+    g.add_argument("--dataset", default="", help="dataset name stored in each sample's meta")
+    g.add_argument(
+        "--shard-size",
+        type=_size,
+        default=parse_size("256MB"),
+        help="roll a shard over before it passes this size: 256MB (default), 1GiB, bytes",
+    )
+    g.add_argument(
+        "--max-samples", type=_positive_int, default=None, help="at most this many images a shard"
+    )
+    g.add_argument(
+        "--max-bad-fraction",
+        type=_fraction,
+        default=0.01,
+        help="fail when more than this fraction of source images (or captions) is bad (0.01)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished or different conversion in --out instead of refusing",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = p.add_argument_group("region selection")
+    r.add_argument("--conf-threshold", type=float, default=0.2, help="(0.2)")
+    r.add_argument("--min-regions", type=_positive_int, default=MIN_REGIONS, help="(10)")
+    r.add_argument("--max-regions", type=_positive_int, default=MAX_REGIONS, help="(100)")
+
+
+def _add_caption_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("captions")
+    g.add_argument(
+        "--captions",
+        type=Path,
+        required=True,
+        help='COCO-style caption JSON: {"images": [{"id", "file_name", "width", "height"}], '
+        '"annotations": [{"image_id", "caption"}]}',
+    )
+    g.add_argument(
+        "--vocab",
+        type=Path,
+        required=True,
+        help="WordPiece vocab.txt of the model (bert-base-cased: 28996 lines, [UNK]=100, "
+        "[CLS]=101, [SEP]=102, [MASK]=103); checked, refused otherwise",
+    )
+    g.add_argument("--lowercase", action="store_true", help="lowercase (uncased vocabularies)")
+    g.add_argument(
+        "--missing-soft-labels",
+        choices=("refuse", "uniform"),
+        default="refuse",
+        help="without soft labels: refuse (default), or fill in a uniform distribution over "
+        "classes 1..1600 (MRC targets meaningless; recorded in the manifest)",
+    )
+
+
+def _wrap(text: str) -> str:
+    # The raw formatter keeps the epilog's layout; descriptions are wrapped here instead.
+    return textwrap.fill(text, 92)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=_wrap(
+            "Convert region features and captions into uniter-fast WebDataset shards, "
+            "or verify a shard set."
+        ),
+        epilog=_COMMON_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser(
+        "lmdb",
+        help="the UNITER reference's image DB + text DB (LMDB)",
+        description=_wrap(
+            "Convert the reference's LMDB databases. IMG_DB: keys are image file "
+            "names, values .npz (features, norm_bb, conf, soft_labels) or msgpack_numpy maps "
+            "(decoded without pickle). TXT_DB: lz4-compressed msgpack examples with input_ids and "
+            "img_fname, beside meta.json (its special ids must be ours) and txt2img.json. One "
+            "sample per image with all its captions, in image DB key order."
+        ),
+        epilog=_COMMON_HELP,
+        formatter_class=fmt,
+    )
+    p.add_argument("--img-db", type=Path, required=True, help="image LMDB directory")
+    p.add_argument("--txt-db", type=Path, required=True, help="text LMDB directory")
+    _add_output_args(p)
+
+    p = sub.add_parser(
+        "butd-tsv",
+        help="bottom-up-attention TSV features + COCO-style captions",
+        description=_wrap(
+            "Convert bottom-up-attention TSV files (no header; base64 float32 arrays) "
+            "with captions from a COCO-style JSON, tokenised with --vocab. Boxes in pixels are "
+            "normalised by image_w/image_h. Confidence: objects_conf, else max of cls_prob over "
+            "classes 1..1600, else the first regions in file order. Images in TSV order."
+        ),
+        epilog=_COMMON_HELP,
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--tsv",
+        type=Path,
+        action="append",
+        required=True,
+        help="a TSV file; repeat for several (converted in the order given)",
+    )
+    p.add_argument(
+        "--fields",
+        default="image_id,image_w,image_h,num_boxes,boxes,features",
+        help="the TSV's column order, comma-separated; append cls_prob (soft labels [n, 1601]) "
+        "and/or objects_conf when the file has them (default: the standard six)",
+    )
+    _add_caption_args(p)
+    _add_output_args(p)
+
+    p = sub.add_parser(
+        "npz-captions",
+        help="a directory of per-image .npz + COCO-style captions",
+        description=_wrap(
+            "Convert per-image .npz files (features, norm_bb or pixel boxes, conf, "
+            "soft_labels; read without pickle) named <file_name stem>.npz or <image id>.npz, with "
+            "captions from a COCO-style JSON tokenised with --vocab. Images in order of id."
+        ),
+        epilog=_COMMON_HELP,
+        formatter_class=fmt,
+    )
+    p.add_argument("--npz-dir", type=Path, required=True, help="directory of per-image .npz")
+    _add_caption_args(p)
+    _add_output_args(p)
+
+    p = sub.add_parser(
+        "verify",
+        help="check a shard set (decode, schema, unique keys, manifest checksums)",
+        description=_wrap(
+            "Decode every sample through the allow-list reader (members, shapes, "
+            "dtypes, finite values, token ids), check keys are unique across the set and, with a "
+            "manifest (DIR/manifest.json, or --manifest), the shard names, counts, sizes and "
+            "sha256. Prints a per-shard table and the problems; exit 0 when clean, 1 otherwise."
+        ),
+    )
+    p.add_argument("target", help="a shard directory, a shard file, or a brace/glob pattern")
+    p.add_argument("--manifest", type=Path, default=None, help="manifest to check against")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="also check boxes (x1<=x2, w/h/area columns), soft labels sum to 1, meta names",
+    )
+    p.add_argument("--max-problems", type=_positive_int, default=50, help="problems listed (50)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _source(args: argparse.Namespace, dataset: str, policy: RegionPolicy):
+    if args.command == "lmdb":
+        from .lmdb import LmdbSource
+
+        return LmdbSource(args.img_db, args.txt_db, dataset=dataset, policy=policy)
+    if args.command == "butd-tsv":
+        from .butd_tsv import ButdTsvSource
+
+        return ButdTsvSource(
+            args.tsv,
+            args.captions,
+            args.vocab,
+            dataset=dataset,
+            fields=args.fields,
+            lowercase=args.lowercase,
+            missing_soft_labels=args.missing_soft_labels,
+            policy=policy,
+        )
+    from .captions import NpzCaptionsSource
+
+    return NpzCaptionsSource(
+        args.npz_dir,
+        args.captions,
+        args.vocab,
+        dataset=dataset,
+        lowercase=args.lowercase,
+        missing_soft_labels=args.missing_soft_labels,
+        policy=policy,
+    )
+
+
+def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .verify import verify_shards
+
+    try:
+        report = verify_shards(
+            args.target,
+            manifest=args.manifest,
+            deep=args.deep,
+            progress=False if args.no_progress else None,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{parser.prog} verify: error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines(args.max_problems)))
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "verify":
+        return _verify(args, parser)
+    try:
+        policy = RegionPolicy(args.conf_threshold, args.min_regions, args.max_regions)
+        opts = ConvertOptions(
+            out=args.out,
+            prefix=args.prefix,
+            dataset=args.dataset,
+            shard_bytes=args.shard_size,
+            max_samples=args.max_samples,
+            max_bad_fraction=args.max_bad_fraction,
+            overwrite=args.overwrite,
+            progress=False if args.no_progress else None,
+            policy=policy,
+        )
+        if args.command == "butd-tsv":
+            from .butd_tsv import parse_fields
+
+            args.fields = parse_fields(args.fields)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        manifest = run_conversion(_source(args, opts.dataset, policy), opts)
+    except ConvertError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    totals = manifest["totals"]
+    print(
+        f"wrote {totals['shards']} shard(s) to {opts.out}: {totals['images']} images, "
+        f"{totals['pairs']} pairs, {totals['bytes']} bytes; manifest {opts.out / 'manifest.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
