@@ -1,6 +1,7 @@
-"""The data path: shard schema, reading and writing shards, and packing examples into batches."""
+"""The data path: shard schema, reading and writing shards, batching and packing examples."""
 
-from .collate import collate, collate_numpy
+from .batching import token_bucket_batches
+from .collate import collate, collate_cpp, collate_numpy, extension_error, extension_loaded
 from .schema import BERT_BASE_CASED, IMG_DIM, IMG_LABEL_DIM, TASKS, Batch, Vocab
 
 __all__ = [
@@ -11,5 +12,9 @@ __all__ = [
     "Batch",
     "Vocab",
     "collate",
+    "collate_cpp",
     "collate_numpy",
+    "extension_error",
+    "extension_loaded",
+    "token_bucket_batches",
 ]

@@ -1,19 +1,57 @@
 """Packing examples into the packed, unpadded `Batch`.
 
-`collate_numpy` is the plain NumPy statement of the packing: the C++ packer (`uniter_fast._C`,
-next issue) must produce the same arrays, and the tests hold it to this function.
+    batch = collate(examples, "mlm")                 # tensors over freshly allocated NumPy arrays
+    batch = collate(examples, "mlm", out="pinned")   # packed straight into one pinned buffer
+    batch = collate(examples, "mlm", out="shared")   # ... or into shared memory (loader workers)
+
+`collate` packs with the C++ extension `uniter_fast._C` when it is importable (`collate_cpp`),
+else with `collate_numpy`, which logs one warning naming the import error. `collate_numpy` is the
+plain NumPy statement of the packing and the oracle: the tests hold the C++ packer to it array by
+array, dtypes included. `extension_loaded()` and `extension_error()` say which path runs, and why.
+
+The C++ packer works in two phases, so that outputs can live anywhere: `_C.PackPlan` reads and
+validates the examples and sizes every output, the caller allocates them (NumPy arrays, or NumPy
+views of one pinned or shared-memory torch buffer), and `PackPlan.pack_into` fills them in one
+pass with the GIL released.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from .schema import LOC_DIM, MRM_TASKS, Batch, check_task
 
 PAD_MULTIPLE = 8
+
+logger = logging.getLogger("uniter_fast.data")
+
+try:
+    # import_module, not `from .. import _C`: inside the package's own __init__ that form reports
+    # a missing extension as "partially initialized module (most likely a circular import)".
+    _C = importlib.import_module("uniter_fast._C")
+except ImportError as e:  # not built (no compiler at install time) or built for another Python
+    _C = None
+    EXTENSION_ERROR: str | None = f"{type(e).__name__}: {e}"
+else:
+    EXTENSION_ERROR = None
+
+_fallback_warned = False
+
+
+def extension_loaded() -> bool:
+    """True when the C++ packer `uniter_fast._C` imported; else `extension_error()` says why not."""
+    return _C is not None
+
+
+def extension_error() -> str | None:
+    """Why `uniter_fast._C` did not import ("ImportError: ..."), or None when it did."""
+    return EXTENSION_ERROR
 
 
 def _field(ex: dict, i: int, name: str) -> Any:
@@ -168,6 +206,164 @@ def collate_numpy(
     return out
 
 
-def collate(examples: Sequence[dict], task: str) -> Batch:
-    """Pack examples into a `Batch` of CPU tensors (see `collate_numpy` for the layout)."""
-    return Batch.from_numpy(task, collate_numpy(examples, task))
+# --- the C++ packer, and where its outputs live --------------------------------------------------
+
+Allocator = Callable[[int], torch.Tensor]
+"""`alloc(nbytes)` -> a CPU, contiguous, 64-byte aligned uint8 tensor of at least nbytes."""
+
+_ALIGN = 64  # every output starts on a cache line of the arena
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    # One pinned block per batch rather than one per field: pinning is an expensive call, and
+    # the caching host allocator recycles blocks of the same size.
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def _shared(nbytes: int) -> torch.Tensor:
+    # A new shared-memory block, as the DataLoader's default_collate makes in a worker: the batch
+    # then crosses to the main process without another copy. (share_memory_() on a fresh tensor
+    # would allocate, then copy the uninitialised bytes over.)
+    storage = torch.UntypedStorage._new_shared(nbytes)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+ALLOCATORS: dict[str, Allocator] = {"pinned": _pinned, "shared": _shared}
+
+_TORCH_DTYPES = {
+    "bool": torch.bool,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+Specs = list[tuple[str, tuple[int, ...], str]]
+
+
+def _allocate(
+    specs: Specs, out: str | Allocator | None
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor] | None]:
+    """Output arrays for `specs` [(name, shape, dtype name)]: fresh NumPy arrays (`out=None`), or
+    NumPy views of torch tensors carved out of one `out` arena (returned too, by name)."""
+    if out is None:
+        return {name: np.empty(shape, dtype=dtype) for name, shape, dtype in specs}, None
+    alloc = ALLOCATORS.get(out) if isinstance(out, str) else out
+    if alloc is None or not callable(alloc):
+        raise ValueError(
+            f"collate: out must be None, 'pinned', 'shared' or a callable, got {out!r}"
+        )
+    layout, total = [], 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        layout.append((name, shape, dtype, total, nbytes))
+        total += -(-nbytes // _ALIGN) * _ALIGN
+    arena = alloc(total)
+    if (
+        not isinstance(arena, torch.Tensor)
+        or arena.dtype != torch.uint8
+        or arena.device.type != "cpu"
+        or not arena.is_contiguous()
+        or arena.numel() < total
+    ):
+        got = (
+            f"{arena.dtype} {tuple(arena.shape)} on {arena.device}"
+            if isinstance(arena, torch.Tensor)
+            else type(arena).__name__
+        )
+        raise ValueError(
+            f"collate: the allocator must return a contiguous CPU uint8 tensor of at least {total} "
+            f"bytes, got {got}"
+        )
+    tensors = {
+        name: arena[offset : offset + nbytes].view(_TORCH_DTYPES[dtype]).view(shape)
+        for name, shape, dtype, offset, nbytes in layout
+    }
+    return {name: t.numpy() for name, t in tensors.items()}, tensors
+
+
+def _require_extension() -> Any:
+    if _C is None:
+        raise RuntimeError(
+            f"the C++ packer uniter_fast._C is not importable ({EXTENSION_ERROR}); rebuild with "
+            "`pip install -v -e .` (needs a C++17 compiler), or use backend='numpy'"
+        )
+    return _C
+
+
+def _pack_cpp(
+    examples: Sequence[dict], task: str, pad_multiple: int, out: str | Allocator | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    plan = _require_extension().PackPlan(examples, task, pad_multiple)
+    arrays, tensors = _allocate(plan.outputs(), out)
+    plan.pack_into(arrays)
+    arrays.update(plan.scalars())
+    return arrays, tensors
+
+
+def collate_cpp(
+    examples: Sequence[dict],
+    task: str,
+    *,
+    pad_multiple: int = PAD_MULTIPLE,
+    out: str | Allocator | None = None,
+) -> dict[str, Any]:
+    """`collate_numpy`'s arrays (same names, shapes, dtypes and values), packed by `uniter_fast._C`.
+
+    out: None for fresh NumPy arrays; "pinned", "shared" or an `Allocator` to pack into one
+    torch buffer (the arrays are then NumPy views of it). Raises RuntimeError when the extension
+    is not loaded; ValueError/TypeError naming the example and field for bad examples.
+    """
+    check_task(task)
+    return _pack_cpp(examples, task, pad_multiple, out)[0]
+
+
+def _warn_fallback_once() -> None:
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        logger.warning(
+            "the C++ packer uniter_fast._C is not available (%s): collate falls back to the "
+            "NumPy packer (the same batches, up to 4x slower, holding the GIL). Rebuild it with "
+            "`pip install -v -e .` (needs a C++17 compiler such as g++); set "
+            "UNITER_FAST_REQUIRE_EXT=1 to make a failed build fatal.",
+            EXTENSION_ERROR,
+        )
+
+
+def collate(
+    examples: Sequence[dict],
+    task: str,
+    *,
+    out: str | Allocator | None = None,
+    backend: str = "auto",
+) -> Batch:
+    """Pack examples (schema in `uniter_fast.data.schema`) into a `Batch` of CPU tensors.
+
+    out: where the tensors live. None: over fresh NumPy arrays. "pinned": one page-locked buffer
+        (needs CUDA or another accelerator; for non_blocking copies to it). "shared": one
+        shared-memory buffer (a DataLoader worker's batch then reaches the main process without
+        a copy). A callable `alloc(nbytes) -> uint8 CPU tensor` for anything else.
+    backend: "auto" (the C++ packer when loaded, else NumPy with one warning), "cpp" (raise if
+        the extension is missing) or "numpy" (`collate_numpy`, the oracle).
+
+    The layout is `collate_numpy`'s; both backends give equal batches.
+    """
+    check_task(task)
+    if backend not in ("auto", "cpp", "numpy"):
+        raise ValueError(f"collate: backend must be 'auto', 'cpp' or 'numpy', got {backend!r}")
+    if backend == "cpp" or (backend == "auto" and _C is not None):
+        arrays, tensors = _pack_cpp(examples, task, PAD_MULTIPLE, out)
+    else:
+        if backend == "auto":
+            _warn_fallback_once()
+        arrays = collate_numpy(examples, task)
+        tensors = None
+        if out is not None:
+            specs = [
+                (k, v.shape, v.dtype.name) for k, v in arrays.items() if isinstance(v, np.ndarray)
+            ]
+            views, tensors = _allocate(specs, out)
+            for name, view in views.items():
+                np.copyto(view, arrays[name])
+    return Batch.from_numpy(task, {**arrays, **tensors} if tensors else arrays)
