@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -41,3 +43,51 @@ def test_packed_vs_padded_quick_run(tmp_path):
             assert {"collate", "forward", "forward_backward", "saved_for_backward_bytes"} <= set(
                 provider
             )
+
+
+def test_collate_quick_run(tmp_path):
+    from uniter_fast.data import extension_error, extension_loaded
+
+    if not extension_loaded():
+        pytest.skip(f"uniter_fast._C is not built ({extension_error()})")
+    out = tmp_path / "collate.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_collate.py",
+            *("--quick", "--batch-sizes", "2", "--tasks", "mlm", "mrckl"),
+            *("--bucket-lengths", "64", "--out", str(out)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["environment"]["device_class"] == "cpu" and "git_commit" in result["environment"]
+    assert set(result["tasks"]) == {"mlm", "mrckl"}
+    for task, sizes in result["tasks"].items():
+        case = sizes["2"]
+        assert case["pairs"] == 2 and case["output_bytes_mean"] > 0, task
+        assert set(case["providers"]) == set("cpp cpp_into cpp_shared numpy authors floor".split())
+        assert all(p["median_ms"] > 0 for p in case["providers"].values())
+        assert all(v > 0 for v in case["speedup_authors_time_over"].values())
+    assert set(result["bucketing"]["modes"]) == {"padded", "packed"}
+
+
+def test_loader_quick_run(tmp_path):
+    out = tmp_path / "loader.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_loader.py", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["environment"]["device_class"] == "cpu" and "git_commit" in result["environment"]
+    assert {r["workers"] for r in result["loader"]} == {0, 1}
+    assert all(r["pairs_per_s"] > 0 and r["mb_per_s"] > 0 for r in result["loader"])
+    assert {"read_decode_validate", "pack_mlm", "build_itm"} <= set(result["stages"])

@@ -24,8 +24,7 @@ SMALL_RUN = {
         "tokens_per_batch": 1024,
         "synthetic_images": 40,
         "synthetic_val_images": 12,
-        "shuffle_buffer": 50,
-        "negatives_buffer": 50,
+        "block_images": 30,
     },
     "optim": {"lr": 1e-3, "warmup_steps": 2},
 }

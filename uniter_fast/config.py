@@ -213,14 +213,24 @@ class DataConfig:
     """train: the sources (empty: synthetic shards written into the output folder);
     val: shard patterns held out for validation (empty with synthetic data: a synthetic split);
     tokens_per_batch: real tokens (text + regions) per micro-batch, padding never counted;
-    shuffle_buffer: pairs held for shuffling; synthetic_images / synthetic_val_images: sizes of the
-    synthetic splits; negatives_buffer: recent images ITM negatives are drawn from."""
+    mode: "resampled" (shards drawn with replacement, endless; the default) or "exact" (every
+        sample once per epoch, the position saved in checkpoints so a resumed run repeats the
+        uninterrupted one's batches);
+    block_images: images per shuffle block, per dataset and loader worker (about 0.4 MB each at
+        base size); pairs are shuffled and bucketed by length within a block, and ITM negatives
+        are drawn from it;
+    num_workers: DataLoader worker processes per rank building batches (0: the training process);
+    max_bad_fraction: the run stops when more than this fraction of the samples read were bad
+        (bad samples are always skipped, counted by reason and shard, and logged);
+    synthetic_images / synthetic_val_images: sizes of the synthetic splits."""
 
     train: list[DatasetConfig] = dataclasses.field(default_factory=list)
     val: list[str] = dataclasses.field(default_factory=list)
     tokens_per_batch: int = 2048
-    shuffle_buffer: int = 2000
-    negatives_buffer: int = 1000
+    mode: str = "resampled"
+    block_images: int = 500
+    num_workers: int = 0
+    max_bad_fraction: float = 0.01
     synthetic_images: int = 600
     synthetic_val_images: int = 120
 
@@ -231,9 +241,17 @@ class DataConfig:
         ]
         if isinstance(self.val, str):
             self.val = [self.val]
-        for name in ("tokens_per_batch", "shuffle_buffer", "negatives_buffer", "synthetic_images"):
+        for name in ("tokens_per_batch", "block_images", "synthetic_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        if self.mode not in ("resampled", "exact"):
+            raise ValueError(f"data.mode must be 'resampled' or 'exact', got {self.mode!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(
+                f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}"
+            )
         if self.synthetic_val_images < 0:
             raise ValueError("data.synthetic_val_images must be non-negative")
 

@@ -1,78 +1,67 @@
-"""From shards to packed batches: the first, single-process version of the pipeline.
+"""From shards to packed batches: the training loader.
 
-    shards --(resampled, shuffled)--> images --(one pair per caption)--> shuffle buffer
-           --(task drawn by mix ratio)--> pairs up to the token budget --(task builder)--> examples
-           --(collate)--> Batch
+Each DataLoader worker on each rank plays one *role*, and a role owns its own slice of the data:
 
-Everything is seeded: the same seed gives the same batches. The loader with DataLoader workers,
-node/worker splits, the C++ packer and bad-sample accounting replaces this in the data issue; the
-stages and their order stay.
+    shards --(split by rank and worker; order per epoch: shuffled, or drawn with replacement)
+           --> images (bad samples skipped and counted) --> shuffle block of `block_images`
+           --> (caption, image) pairs, one per caption --> token-budget batches (C++ bucketing)
+           --> task drawn by mix ratio --> task builder --> packed Batch (C++ packer)
+
+    loader = Loader(sources, tokens_per_batch=4096, seed=0, num_workers=4)
+    for step in range(steps):
+        task, batch = next(loader)          # batches arrive pinned when the device is CUDA
+    state = loader.state_dict()             # into the checkpoint; Loader(..., state=state) resumes
+
+Two modes. `resampled` (the training default) draws shards with replacement, endlessly.
+`exact` walks the role's shards in a fresh shuffled order every epoch, so each sample is seen once
+per epoch, and its position (epoch, shard, sample offset, block) goes into the checkpoint: a
+resumed run produces the same batches as the uninterrupted one. Both modes are endless, so every
+rank gets as many batches as it asks for (the trainer stops all ranks at the same step).
+
+Exact resumption without storing the shuffle buffer: the shuffle is done in blocks. A block of
+`block_images` images is read, cut into batches and shuffled with a generator seeded by the
+block's number; the state records where the block started and how many of its batches were
+taken. Resuming re-reads that one block (not the whole epoch) and skips the batches taken. Every
+other random choice (task, masking, negatives) comes from generators seeded by counters in the
+state, so nothing else needs saving.
+
+Bad samples (see `shards.REASONS`) are skipped and counted by reason and shard; the counts travel
+with the batches to the main process, which logs them and stops the run, naming the worst
+shards, once the bad fraction passes `max_bad_fraction`.
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
+import logging
+import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..tasks import NegativeImageSampler, TaskMixer, build_example
+from .batching import token_bucket_batches
 from .collate import collate
 from .schema import BERT_BASE_CASED, Batch, Vocab
-from .shards import ImageRecord, iter_shard, list_shards
+from .shards import ImageRecord, ShardFormatError, iter_shard, list_shards
+
+log = logging.getLogger("uniter_fast.data")
+
+MODES = ("resampled", "exact")
+# The bad fraction is judged only after this many samples, so that one early bad sample in a
+# healthy corpus does not stop a run.
+BAD_CHECK_MIN_SAMPLES = 1000
+# Bad-sample messages a worker forwards per batch, and that the main process logs in full.
+_MESSAGES_PER_BATCH = 5
+_MESSAGES_LOGGED = 20
 
 
 def pair_tokens(caption: np.ndarray, image: ImageRecord) -> int:
     """Real positions the pair occupies in a packed batch: [CLS] caption [SEP] then regions."""
     return len(caption) + 2 + image.num_regions
-
-
-class PairStream:
-    """Endless stream of (caption, image) pairs from one dataset's shards.
-
-    Shards are drawn at random with replacement (resampled); each image yields one pair per
-    caption; pairs pass through a shuffle buffer of `buffer_size`. Every image read is also offered
-    to `negatives`, the pool ITM draws its other images from.
-    """
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        *,
-        seed: int,
-        buffer_size: int,
-        negatives: NegativeImageSampler,
-        vocab: Vocab = BERT_BASE_CASED,
-    ):
-        if not urls:
-            raise ValueError("PairStream: no shards")
-        self.urls = list(urls)
-        self.rng = np.random.default_rng(seed)
-        self.buffer_size = buffer_size
-        self.negatives = negatives
-        self.vocab = vocab
-        self._buffer: list[tuple[np.ndarray, ImageRecord]] = []
-        self._source = self._pairs()
-
-    def _pairs(self) -> Iterator[tuple[np.ndarray, ImageRecord]]:
-        while True:
-            url = self.urls[self.rng.integers(len(self.urls))]
-            for image in iter_shard(url, vocab=self.vocab):
-                self.negatives.add(image)
-                for caption in image.captions:
-                    yield caption, image
-
-    def __iter__(self) -> PairStream:
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, ImageRecord]:
-        while len(self._buffer) < self.buffer_size:
-            self._buffer.append(next(self._source))
-        i = self.rng.integers(len(self._buffer))
-        # Swap-remove keeps the draw O(1).
-        self._buffer[i], self._buffer[-1] = self._buffer[-1], self._buffer[i]
-        return self._buffer.pop()
 
 
 @dataclass
@@ -84,12 +73,405 @@ class TrainSource:
     mix: dict[str, float]
 
 
-class PretrainBatches:
-    """Endless `(task, Batch)` stream over several datasets mixed by task ratio.
+class BadDataError(RuntimeError):
+    """Too many bad samples: the run stops (the message names the worst shards)."""
 
-    For each micro-batch a (dataset, task) is drawn in proportion to its ratio; pairs are taken
-    from that dataset until the next would pass `tokens_per_batch` real tokens (at least one pair
-    per batch), turned into examples by the task's builder, and packed.
+
+# --------------------------------------------------------------------------------------------
+# Counting bad samples
+
+
+class BadSamples:
+    """Samples read and skipped, by shard and reason; mergeable across workers and ranks."""
+
+    def __init__(self) -> None:
+        self.good: Counter[str] = Counter()  # shard -> samples kept
+        self.bad: Counter[tuple[str, str]] = Counter()  # (shard, reason) -> samples skipped
+        self.messages: list[str] = []  # first few messages, not yet forwarded
+
+    def add_good(self, shard: str) -> None:
+        self.good[shard] += 1
+
+    def add_bad(self, err: ShardFormatError) -> None:
+        self.bad[(err.shard, err.reason)] += 1
+        if len(self.messages) < _MESSAGES_PER_BATCH:
+            self.messages.append(str(err))
+
+    @property
+    def num_good(self) -> int:
+        return sum(self.good.values())
+
+    @property
+    def num_bad(self) -> int:
+        return sum(self.bad.values())
+
+    def by_reason(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for (_, reason), n in self.bad.items():
+            out[reason] += n
+        return dict(sorted(out.items()))
+
+    def take(self) -> dict:
+        """The counts since the last `take` (and reset them): what a worker sends along."""
+        delta = {
+            "good": dict(self.good),
+            "bad": [[shard, reason, n] for (shard, reason), n in self.bad.items()],
+            "messages": self.messages,
+        }
+        self.good, self.bad, self.messages = Counter(), Counter(), []
+        return delta
+
+    def merge(self, delta: dict) -> list[str]:
+        """Add a `take()` or `state_dict()`; returns its messages."""
+        self.good.update(delta.get("good", {}))
+        for shard, reason, n in delta.get("bad", []):
+            self.bad[(shard, reason)] += n
+        return list(delta.get("messages", []))
+
+    def state_dict(self) -> dict:
+        return {
+            "good": dict(self.good),
+            "bad": [[shard, reason, n] for (shard, reason), n in self.bad.items()],
+        }
+
+    def worst_shards(self, n: int = 5) -> list[str]:
+        """'name: bad of read (reason n, ...)' for the n shards with the most bad samples."""
+        per_shard: dict[str, Counter[str]] = {}
+        for (shard, reason), count in self.bad.items():
+            per_shard.setdefault(shard, Counter())[reason] += count
+        ranked = sorted(per_shard.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+        lines = []
+        for shard, reasons in ranked[:n]:
+            bad = sum(reasons.values())
+            read = bad + self.good.get(shard, 0)
+            detail = ", ".join(f"{r} {c}" for r, c in reasons.most_common())
+            lines.append(f"{shard or '<unknown shard>'}: {bad} bad of {read} read ({detail})")
+        return lines
+
+    def check(self, max_fraction: float, min_samples: int = BAD_CHECK_MIN_SAMPLES) -> None:
+        """Raise BadDataError when more than `max_fraction` of the samples read were bad."""
+        bad, total = self.num_bad, self.num_bad + self.num_good
+        if bad and total >= min_samples and bad > max_fraction * total:
+            raise BadDataError(
+                f"{bad} of {total} samples read were bad ({bad / total:.2%}, more than "
+                f"max_bad_fraction {max_fraction:.2%}); by reason: {self.by_reason()}; worst "
+                f"shards: {'; '.join(self.worst_shards())}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# One role's images of one dataset
+
+
+def _seed(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) for p in parts])
+
+
+def shard_order(urls: Sequence[str], mode: str, seed: int, epoch: int) -> list[str]:
+    """The shards read in `epoch`: a permutation (exact) or draws with replacement (resampled)."""
+    rng = _seed(seed, epoch, 0x5A4D)
+    if mode == "exact":
+        return [urls[i] for i in rng.permutation(len(urls))]
+    return [urls[i] for i in rng.integers(len(urls), size=len(urls))]
+
+
+@dataclass
+class Position:
+    """Where an `ImageStream` reads next: sample `offset` of shard `index` of `epoch`'s order."""
+
+    epoch: int = 0
+    index: int = 0
+    offset: int = 0
+
+
+class ImageStream:
+    """Endless validated images from a list of shards, from a `Position`; bad ones counted."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        mode: str,
+        seed: int,
+        bad: BadSamples,
+        vocab: Vocab = BERT_BASE_CASED,
+        position: Position | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("ImageStream: no shards")
+        self.urls = list(urls)
+        self.mode = mode
+        self.seed = seed
+        self.bad = bad
+        self.vocab = vocab
+        self.position = dataclasses.replace(position) if position else Position()
+        self._records: Iterator[tuple[int, ImageRecord]] | None = None
+        self._order = shard_order(self.urls, mode, seed, self.position.epoch)
+        self._barren: set[str] = set()  # shards read to the end without a usable image
+        self._got_one = False
+
+    def __iter__(self) -> ImageStream:
+        return self
+
+    def __next__(self) -> ImageRecord:
+        pos = self.position
+        while True:
+            if self._records is None:
+                url = self._order[pos.index]
+                self._records = iter_shard(
+                    url, vocab=self.vocab, on_bad=self.bad.add_bad, skip=pos.offset, positions=True
+                )
+                self._got_one = pos.offset > 0
+            try:
+                index, record = next(self._records)
+            except StopIteration:
+                self._records = None
+                if self._got_one:
+                    self._barren.clear()
+                else:
+                    self._barren.add(self._order[pos.index])
+                if len(self._barren) == len(set(self.urls)):
+                    names = sorted(os.path.basename(u) for u in self._barren)
+                    raise BadDataError(
+                        f"none of the {len(names)} shards of this reader gives a usable sample "
+                        f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); skipped so "
+                        f"far: {self.bad.by_reason()}; worst shards: "
+                        f"{'; '.join(self.bad.worst_shards())}"
+                    ) from None
+                pos.index, pos.offset = pos.index + 1, 0
+                if pos.index == len(self._order):
+                    pos.epoch, pos.index = pos.epoch + 1, 0
+                    self._order = shard_order(self.urls, self.mode, self.seed, pos.epoch)
+                continue
+            pos.offset = index + 1
+            self._got_one = True
+            self.bad.add_good(record.shard)
+            return record
+
+    def close(self) -> None:
+        if self._records is not None:
+            self._records.close()
+            self._records = None
+
+
+# --------------------------------------------------------------------------------------------
+# Shuffle blocks and batches of one dataset
+
+
+class BlockBatcher:
+    """Pair batches of one dataset: blocks of images, cut by token budget and shuffled.
+
+    State (`state_dict`): the block's number, where it started, and how many of its batches were
+    taken. ITM negatives are drawn from the block's other images.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        mode: str,
+        seed: int,
+        tokens_per_batch: int,
+        block_images: int,
+        bad: BadSamples,
+        vocab: Vocab = BERT_BASE_CASED,
+        state: dict | None = None,
+    ) -> None:
+        self.seed = seed
+        self.tokens_per_batch = tokens_per_batch
+        self.block_images = block_images
+        self.bad = bad
+        state = state or {}
+        start = Position(**state["block_start"]) if "block_start" in state else Position()
+        self.images = ImageStream(urls, mode=mode, seed=seed, bad=bad, vocab=vocab, position=start)
+        self.block_number = int(state.get("block_number", 0))
+        self.taken = 0
+        self._batches: list[np.ndarray] = []
+        self._pairs: list[tuple[np.ndarray, ImageRecord]] = []
+        self.negatives = NegativeImageSampler(max(block_images, 1))
+        if state:
+            # Re-read the interrupted block without counting its samples a second time.
+            counting, self.images.bad = self.images.bad, BadSamples()
+            self._read_block()
+            self.images.bad = counting
+            self.taken = int(state["taken"])
+            if self.taken > len(self._batches):
+                raise ValueError(
+                    f"data state says {self.taken} batches were taken from block "
+                    f"{self.block_number}, which has {len(self._batches)}: the shards changed "
+                    "since the checkpoint was written"
+                )
+
+    def _read_block(self) -> None:
+        self.block_start = dataclasses.replace(self.images.position)
+        images = [next(self.images) for _ in range(self.block_images)]
+        self.negatives = NegativeImageSampler(len(images))
+        for image in images:
+            self.negatives.add(image)
+        self._pairs = [(caption, image) for image in images for caption in image.captions]
+        lengths = np.array([pair_tokens(c, i) for c, i in self._pairs], dtype=np.int64)
+        block_seed = int(_seed(self.seed, self.block_number, 0xB10C).integers(2**63))
+        # The whole block is one bucket: sorted by length, cut into batches of at most
+        # `tokens_per_batch` real tokens, the batches shuffled (the reference's token buckets,
+        # budgeting real tokens instead of padded ones).
+        self._batches = token_bucket_batches(
+            lengths,
+            max_tokens=self.tokens_per_batch,
+            bucket_size=max(len(lengths), 1),
+            size_multiple=1,
+            mode="packed",
+            seed=block_seed,
+        )
+        self.taken = 0
+
+    @property
+    def block_batches(self) -> int:
+        """Batches the current block was cut into."""
+        return len(self._batches)
+
+    def next_batch(self) -> list[tuple[np.ndarray, ImageRecord]]:
+        if self.taken == len(self._batches):
+            if self._batches:
+                self.block_number += 1
+            self._read_block()
+        index = self._batches[self.taken]
+        self.taken += 1
+        return [self._pairs[i] for i in index]
+
+    def state_dict(self) -> dict:
+        if not self._batches:  # nothing read yet: start from the configured beginning
+            return {}
+        return {
+            "block_number": self.block_number,
+            "block_start": dataclasses.asdict(self.block_start),
+            "taken": self.taken,
+        }
+
+    def close(self) -> None:
+        self.images.close()
+
+
+# --------------------------------------------------------------------------------------------
+# One role: all datasets, the task mix, the builders
+
+
+def split_shards(urls: Sequence[str], role: int, num_roles: int, mode: str, what: str) -> list[str]:
+    """The shards of `role` out of `num_roles` (every num_roles-th shard, from `role`).
+
+    Exact mode needs at least one shard per role. Resampled mode, with fewer shards than
+    roles, lets every role draw from all of them (with its own seed).
+    """
+    urls = list(urls)
+    if len(urls) >= num_roles:
+        return urls[role::num_roles]
+    if mode == "exact":
+        raise ValueError(
+            f"{what}: exact mode splits shards over ranks x workers = {num_roles} readers, but "
+            f"there are only {len(urls)} shards; write smaller shards, use fewer workers, or "
+            "use mode 'resampled'"
+        )
+    return urls
+
+
+class RoleStream:
+    """Endless `(task, Batch)` of one role (one worker of one rank), resumable from its state."""
+
+    def __init__(
+        self,
+        sources: Sequence[TrainSource],
+        *,
+        role: int,
+        num_roles: int,
+        seed: int,
+        mode: str,
+        tokens_per_batch: int,
+        block_images: int,
+        vocab: Vocab = BERT_BASE_CASED,
+        state: dict | None = None,
+        pack_into: str | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
+        state = state or {}
+        self.role = role
+        self.seed = seed
+        self.vocab = vocab
+        self.pack_into = pack_into
+        self.bad = BadSamples()
+        mixer_seed = int(_seed(seed, role, 0x313).integers(2**62))
+        self.mixer = TaskMixer(
+            [(s.name, task, ratio) for s in sources for task, ratio in s.mix.items()],
+            seed=mixer_seed,
+        )
+        if "mixer" in state:
+            self.mixer.load_state_dict(state["mixer"])
+        self.batch_number = int(state.get("batch_number", 0))
+        self.datasets: dict[str, BlockBatcher] = {}
+        for i, s in enumerate(sources):
+            if s.name in self.datasets:
+                raise ValueError(f"dataset name {s.name!r} used twice")
+            urls = split_shards(list_shards(s.shards), role, num_roles, mode, f"dataset {s.name!r}")
+            self.datasets[s.name] = BlockBatcher(
+                urls,
+                mode=mode,
+                seed=int(_seed(seed, role, i, 0xDA7A).integers(2**62)),
+                tokens_per_batch=tokens_per_batch,
+                block_images=block_images,
+                bad=self.bad,
+                vocab=vocab,
+                state=state.get("datasets", {}).get(s.name),
+            )
+
+    def __iter__(self) -> RoleStream:
+        return self
+
+    def __next__(self) -> tuple[str, Batch]:
+        name, task = self.mixer.sample()
+        dataset = self.datasets[name]
+        pairs = dataset.next_batch()
+        rng = _seed(self.seed, self.role, self.batch_number, 0xE7A)
+        self.batch_number += 1
+        examples = [
+            build_example(task, caption, image, rng, vocab=self.vocab, negatives=dataset.negatives)
+            for caption, image in pairs
+        ]
+        return task, collate(examples, task, out=self.pack_into)
+
+    def state_dict(self) -> dict:
+        return {
+            "mixer": self.mixer.state_dict(),
+            "batch_number": self.batch_number,
+            "datasets": {name: d.state_dict() for name, d in self.datasets.items()},
+        }
+
+    def close(self) -> None:
+        for d in self.datasets.values():
+            d.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Across DataLoader workers
+
+
+@dataclass
+class LoadedBatch:
+    """What a worker hands over: the batch, the role that made it, its state after, the counts."""
+
+    task: str
+    batch: Batch
+    role: int
+    state: dict
+    stats: dict
+
+    def pin_memory(self) -> LoadedBatch:  # DataLoader's pin thread calls this
+        return dataclasses.replace(self, batch=self.batch.pin_memory())
+
+
+class PretrainData(IterableDataset):
+    """The roles of one rank as an IterableDataset: worker w plays role (w + first_role) % W.
+
+    `first_role` lets a resumed loader start with the role whose batch comes next (DataLoader
+    takes batches from workers 0, 1, ... in turn).
     """
 
     def __init__(
@@ -98,56 +480,178 @@ class PretrainBatches:
         *,
         tokens_per_batch: int,
         seed: int,
-        shuffle_buffer: int = 2000,
-        negatives_buffer: int = 1000,
+        mode: str = "resampled",
+        block_images: int = 500,
+        rank: int = 0,
+        world_size: int = 1,
         vocab: Vocab = BERT_BASE_CASED,
-    ):
-        if not sources:
-            raise ValueError("PretrainBatches: no training sources")
+        states: dict[int, dict] | None = None,
+        first_role: int = 0,
+    ) -> None:
+        self.sources = list(sources)
         self.tokens_per_batch = tokens_per_batch
+        self.seed = seed
+        self.mode = mode
+        self.block_images = block_images
+        self.rank = rank
+        self.world_size = world_size
         self.vocab = vocab
-        self.rng = np.random.default_rng([seed, 1])
-        self.mixer = TaskMixer(
-            [(s.name, task, ratio) for s in sources for task, ratio in s.mix.items()], seed=seed
-        )
-        self.streams: dict[str, PairStream] = {}
-        for i, s in enumerate(sources):
-            if s.name in self.streams:
-                raise ValueError(f"PretrainBatches: dataset name {s.name!r} used twice")
-            self.streams[s.name] = PairStream(
-                list_shards(s.shards),
-                seed=seed * 1000 + i,
-                buffer_size=shuffle_buffer,
-                negatives=NegativeImageSampler(negatives_buffer),
-                vocab=vocab,
-            )
-        self._pending: dict[str, tuple[np.ndarray, ImageRecord] | None] = dict.fromkeys(
-            self.streams
-        )
+        self.states = dict(states or {})
+        self.first_role = first_role
 
-    def __iter__(self) -> PretrainBatches:
+    def __iter__(self) -> Iterator[LoadedBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        local = (worker + self.first_role) % workers
+        stream = RoleStream(
+            self.sources,
+            role=self.rank * workers + local,
+            num_roles=self.world_size * workers,
+            seed=self.seed,
+            mode=self.mode,
+            tokens_per_batch=self.tokens_per_batch,
+            block_images=self.block_images,
+            vocab=self.vocab,
+            state=self.states.get(local),
+            # In a worker, pack straight into shared memory: the hand-over then moves no bytes.
+            pack_into="shared" if info else None,
+        )
+        try:
+            while True:
+                task, batch = next(stream)
+                yield LoadedBatch(task, batch, local, stream.state_dict(), stream.bad.take())
+        finally:
+            stream.close()
+
+
+class Loader:
+    """The training loader of one rank: endless `(task, Batch)`, checkpointable.
+
+    num_workers: DataLoader worker processes building batches (0: in this process).
+    pin_memory: hand batches over in pinned memory (for asynchronous copies to a GPU).
+    state: a `state_dict()` to resume from (same sources, mode, seed, workers and world size).
+    max_bad_fraction: stop (BadDataError) once more than this fraction of samples were bad.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[TrainSource],
+        *,
+        tokens_per_batch: int,
+        seed: int,
+        mode: str = "resampled",
+        block_images: int = 500,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        vocab: Vocab = BERT_BASE_CASED,
+        max_bad_fraction: float = 0.01,
+        bad_check_min_samples: int = BAD_CHECK_MIN_SAMPLES,
+        state: dict | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
+        if not sources:
+            raise ValueError("Loader: no training sources")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.num_roles = max(num_workers, 1)
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_check_min_samples = bad_check_min_samples
+        self.bad = BadSamples()
+        self.identity = {
+            "mode": mode,
+            "seed": seed,
+            "num_workers": num_workers,
+            "world_size": world_size,
+            "rank": rank,
+            "tokens_per_batch": tokens_per_batch,
+            "block_images": block_images,
+            "sources": [[s.name, list(s.shards)] for s in sources],
+        }
+        states, first_role = {}, 0
+        if state:
+            different = {
+                k: (state["identity"].get(k), v)
+                for k, v in self.identity.items()
+                if state["identity"].get(k) != v
+            }
+            if different:
+                raise ValueError(
+                    "the data state was written by a different loader setup, so the data "
+                    f"position cannot be restored: {different} (saved, now)"
+                )
+            states = {int(k): v for k, v in state["roles"].items()}
+            first_role = int(state["next_role"])
+            self.bad.merge(state["bad"])
+        self.role_states: dict[int, dict] = dict(states)
+        self.next_role = first_role
+        self._logged = 0
+        dataset = PretrainData(
+            sources,
+            tokens_per_batch=tokens_per_batch,
+            seed=seed,
+            mode=mode,
+            block_images=block_images,
+            rank=rank,
+            world_size=world_size,
+            vocab=vocab,
+            states=states,
+            first_role=first_role,
+        )
+        if num_workers:
+            self._loader = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                prefetch_factor=prefetch_factor,
+            )
+            self._pin = False  # the DataLoader's pin thread does it
+        else:
+            self._loader = dataset
+            self._pin = pin_memory
+        self._it = iter(self._loader)
+
+    def __iter__(self) -> Loader:
         return self
 
     def __next__(self) -> tuple[str, Batch]:
-        name, task = self.mixer.sample()
-        stream = self.streams[name]
-        pairs, tokens = [], 0
-        while True:
-            pair = self._pending[name] or next(stream)
-            self._pending[name] = None
-            cost = pair_tokens(*pair)
-            if pairs and tokens + cost > self.tokens_per_batch:
-                self._pending[name] = pair  # first pair of the next batch
-                break
-            pairs.append(pair)
-            tokens += cost
-        examples = [
-            build_example(
-                task, caption, image, self.rng, vocab=self.vocab, negatives=stream.negatives
-            )
-            for caption, image in pairs
-        ]
-        return task, collate(examples, task)
+        item: LoadedBatch = next(self._it)
+        self.role_states[item.role] = item.state
+        self.next_role = (item.role + 1) % self.num_roles
+        for message in self.bad.merge(item.stats):
+            self._logged += 1
+            if self._logged <= _MESSAGES_LOGGED:
+                log.warning("skipped bad sample: %s", message)
+            if self._logged == _MESSAGES_LOGGED:
+                log.warning("(further bad samples are counted, not logged one by one)")
+        self.bad.check(self.max_bad_fraction, self.bad_check_min_samples)
+        batch = item.batch.pin_memory() if self._pin else item.batch
+        return item.task, batch
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable: each role's stream state, the next role, the bad-sample counts."""
+        return {
+            "identity": self.identity,
+            "roles": {str(k): v for k, v in self.role_states.items()},
+            "next_role": self.next_role,
+            "bad": self.bad.state_dict(),
+        }
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        it, self._it = self._it, iter(())
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
 
 
 def iter_eval_batches(
@@ -158,25 +662,29 @@ def iter_eval_batches(
     seed: int = 0,
     vocab: Vocab = BERT_BASE_CASED,
     negatives_pool: int = 1000,
+    bad: BadSamples | None = None,
 ) -> Iterator[Batch]:
     """One deterministic pass over held-out shards for one task (same seed, same batches).
 
     Images stream through, so memory stays bounded whatever the split's size. ITM negatives are
     drawn from the first `negatives_pool` held-out images (read once ahead), so they are never
-    training images either.
+    training images either. Bad samples are skipped and counted into `bad`.
     """
+    bad = bad if bad is not None else BadSamples()
     rng = np.random.default_rng([seed, 2])
     negatives = None
     if task == "itm":
         negatives = NegativeImageSampler(negatives_pool)
-        for image in itertools.islice(_stream(urls, vocab), negatives_pool):
+        for _, image in zip(
+            range(negatives_pool), _stream(urls, vocab, BadSamples()), strict=False
+        ):
             negatives.add(image)
         if len(negatives) < 2:
             raise ValueError(
                 f"ITM validation needs at least two images, the shards hold {len(negatives)}"
             )
     examples, tokens = [], 0
-    for image in _stream(urls, vocab):
+    for image in _stream(urls, vocab, bad):
         for caption in image.captions:
             cost = pair_tokens(caption, image)
             if examples and tokens + cost > tokens_per_batch:
@@ -190,6 +698,24 @@ def iter_eval_batches(
         yield collate(examples, task)
 
 
-def _stream(urls: Sequence[str], vocab: Vocab) -> Iterator[ImageRecord]:
+def _stream(urls: Sequence[str], vocab: Vocab, bad: BadSamples) -> Iterator[ImageRecord]:
     for url in urls:
-        yield from iter_shard(url, vocab=vocab)
+        for image in iter_shard(url, vocab=vocab, on_bad=bad.add_bad):
+            bad.add_good(image.shard)
+            yield image
+
+
+__all__ = [
+    "MODES",
+    "BadDataError",
+    "BadSamples",
+    "Loader",
+    "LoadedBatch",
+    "PretrainData",
+    "RoleStream",
+    "TrainSource",
+    "iter_eval_batches",
+    "pair_tokens",
+    "shard_order",
+    "split_shards",
+]

@@ -25,7 +25,7 @@ import yaml
 
 from ..config import DEFAULT_MIX, RunConfig, UniterConfig
 from ..convert import load_pretrained, save_reference
-from ..data.pipeline import PretrainBatches, TrainSource, iter_eval_batches
+from ..data.pipeline import Loader, TrainSource, iter_eval_batches
 from ..data.shards import list_shards
 from ..model import UniterForPretraining
 from .checkpoint import complete_checkpoints, save_checkpoint
@@ -160,12 +160,12 @@ def evaluate(
     return results
 
 
-def _checkpoint(run: Run, step: int, model, engine: Engine, batches: PretrainBatches) -> Path:
+def _checkpoint(run: Run, step: int, model, engine: Engine, loader: Loader) -> Path:
     state = {
         "step": step,
         "config": run.cfg.to_dict(),
         "model_config": run.model_config.to_dict(),
-        "task_mixer": batches.mixer.state_dict(),
+        "data": loader.state_dict(),
     }
     files = {"model.pt": model.state_dict(), "optimizer.pt": engine.state_dict()}
     path = save_checkpoint(run.output_dir / "checkpoints", step, files, state)
@@ -195,12 +195,22 @@ def train(run: Run) -> dict:
         model, cfg.optim, total_steps=cfg.max_steps, device=run.device, precision=cfg.precision
     )
     log.info("model: %s parameters, %s precision", f"{n_params:,}", engine.precision)
-    batches = PretrainBatches(
+    batches = Loader(
         run.sources,
         tokens_per_batch=cfg.data.tokens_per_batch,
         seed=cfg.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        negatives_buffer=cfg.data.negatives_buffer,
+        mode=cfg.data.mode,
+        block_images=cfg.data.block_images,
+        num_workers=cfg.data.num_workers,
+        pin_memory=run.device.type == "cuda",
+        max_bad_fraction=cfg.data.max_bad_fraction,
+    )
+    log.info(
+        "data: %s mode, %d worker(s), blocks of %d images, %d real tokens per batch",
+        cfg.data.mode,
+        cfg.data.num_workers,
+        cfg.data.block_images,
+        cfg.data.tokens_per_batch,
     )
 
     metrics = MetricsWriter(run.output_dir)
@@ -215,6 +225,7 @@ def train(run: Run) -> dict:
     window_start = run_start = time.perf_counter()
     tokens_per_s = 0.0  # of the last log window, shown on the progress bar until the next
     checkpoint = None
+    bad_logged = 0
 
     for step in range(1, cfg.max_steps + 1):
         for _ in range(cfg.optim.grad_accum):
@@ -251,6 +262,22 @@ def train(run: Run) -> dict:
                 metrics.write(record)
                 history[task].append((step, record["loss"]))
                 latest[task] = record["loss"]
+            if batches.bad.num_bad != bad_logged:
+                bad_logged = batches.bad.num_bad
+                log.warning(
+                    "bad samples skipped so far: %d of %d read, by reason %s",
+                    bad_logged,
+                    bad_logged + batches.bad.num_good,
+                    batches.bad.by_reason(),
+                )
+                metrics.write(
+                    {
+                        "step": step,
+                        "data_bad_samples": bad_logged,
+                        "data_samples_read": bad_logged + batches.bad.num_good,
+                    },
+                    prefix="data",
+                )
             total_tokens += window_tokens
             sums.clear()
             counts.clear()
@@ -271,6 +298,7 @@ def train(run: Run) -> dict:
     train_seconds = time.perf_counter() - run_start
 
     checkpoint = _checkpoint(run, cfg.max_steps, model, engine, batches)
+    batches.close()
     reference = save_reference(model, run.output_dir / "model_reference.pt")
     val = {}
     if run.val_urls:
@@ -287,6 +315,11 @@ def train(run: Run) -> dict:
         "loss_first": {t: h[0][1] for t, h in history.items()},
         "loss_last": {t: h[-1][1] for t, h in history.items()},
         "validation": val,
+        "data": {
+            "samples_read": batches.bad.num_good + batches.bad.num_bad,
+            "bad_samples": batches.bad.by_reason(),
+            "worst_shards": batches.bad.worst_shards(),
+        },
         "checkpoint": str(checkpoint),
         "reference_weights": str(reference),
         "output_dir": str(run.output_dir),
@@ -319,6 +352,12 @@ def format_summary(s: dict) -> str:
             lines.append(
                 f"  wra distance: matching pairs {v['wra_pos']:.4f}, others {v['wra_neg']:.4f}"
             )
+    d = s["data"]
+    bad = sum(d["bad_samples"].values())
+    lines.append(
+        f"data: {d['samples_read']} samples read, {bad} bad ones skipped"
+        + (f" {d['bad_samples']}; worst: {d['worst_shards'][0]}" if bad else "")
+    )
     lines.append(f"checkpoint: {s['checkpoint']}")
     lines.append(f"reference-layout weights: {s['reference_weights']}")
     lines.append(f"logs: {s['output_dir']}/metrics.jsonl, train.log, tensorboard/")

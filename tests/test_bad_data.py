@@ -1,0 +1,270 @@
+"""Bad input never kills a run and never passes silently: skipped, counted by reason and shard.
+
+Shards are built with every kind of damage the loader must survive: a corrupt member, a wrong
+shape and dtype, NaN features, token ids outside the vocabulary, an empty caption, a duplicate
+key, a pickled member, a damaged tar header and a truncated tar.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from test_shards import _payload, make_record, raw_sample, write_tar
+
+from uniter_fast.data import shards as shards_module
+from uniter_fast.data.pipeline import BadDataError, BadSamples, Loader, TrainSource
+from uniter_fast.data.schema import SHARD_FIELDS
+from uniter_fast.data.shards import ShardWriter, iter_shard
+from uniter_fast.data.tarstream import RawSample, SampleDamage, iter_samples
+
+
+def _members(record, **replace) -> dict[str, bytes]:
+    raw = raw_sample(record)
+    raw.update(replace)
+    return {f"{record.key}.{m}": raw[m] for m in raw if m != "__key__"}
+
+
+def _good(i: int):
+    return make_record(f"img_{i:03d}", n=10 + i % 5, seed=i, num_captions=1 + i % 3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three shards: one clean, one with a bad sample of every kind, one truncated.
+
+    Returns (directory, marker path that unpickling would create, expected bad counts by
+    (shard, reason), number of good samples).
+    """
+    root = tmp_path_factory.mktemp("bad")
+    marker = root / "unpickled"
+    with ShardWriter(root, prefix="clean", max_samples=100) as writer:
+        for i in range(12):
+            writer.write(_good(i))
+
+    members: list[tuple[str, bytes]] = []  # a list: the duplicate key repeats member names
+    good = 0
+
+    def add(record, **replace):
+        nonlocal good
+        members.extend(_members(record, **replace).items())
+        good += not replace
+
+    add(_good(100))
+    nan_feat = np.full((10, 2048), np.nan, np.float16)
+    add(make_record("nan_feat", n=10), **{"feat.npy": _npy(nan_feat)})
+    add(make_record("wrong_shape", n=10), **{"loc.npy": _npy(np.zeros((10, 6), np.float32))})
+    add(make_record("wrong_dtype", n=10), **{"soft.npy": _npy(np.zeros((10, 1601), np.float64))})
+    add(make_record("bad_token", n=10), **{"captions.json": b'{"input_ids": [[5, 40000]]}'})
+    add(make_record("empty_caption", n=10), **{"captions.json": b'{"input_ids": [[]]}'})
+    add(make_record("corrupt", n=10), **{"feat.npy": b"\x93NUMPY\x01\x00garbage"})
+    add(_good(101))
+    members.extend(_members(make_record("pickled", n=10)).items())
+    members.append(("pickled.pyd", _payload(marker)))
+    # The same key again, later in the shard: WebDataset would take it for another sample.
+    members.extend(_members(make_record("img_100", n=11, seed=5)).items())
+    add(_good(102))
+    path = root / "mixed-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    # A clean shard, truncated in the middle of its fourth sample.
+    with ShardWriter(root / "tmp", prefix="cut", max_samples=100) as writer:
+        for i in range(6):
+            writer.write(_good(200 + i))
+    data = writer.paths[0].read_bytes()
+    with tarfile.open(writer.paths[0]) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    (root / "cut-000000.tar").write_bytes(data[: offsets[3 * len(SHARD_FIELDS) + 2] + 700])
+
+    expected = Counter(
+        {
+            ("mixed-000000.tar", "nonfinite"): 1,
+            ("mixed-000000.tar", "shape"): 1,
+            ("mixed-000000.tar", "dtype"): 1,
+            ("mixed-000000.tar", "token_id"): 1,
+            ("mixed-000000.tar", "empty_caption"): 1,
+            ("mixed-000000.tar", "decode"): 1,
+            ("mixed-000000.tar", "forbidden_member"): 1,
+            ("mixed-000000.tar", "duplicate_key"): 1,
+            ("cut-000000.tar", "tar"): 1,
+        }
+    )
+    return root, marker, expected, 12 + good + 3
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _read_all(root) -> tuple[BadSamples, list[str]]:
+    bad = BadSamples()
+    keys = []
+    for name in ("clean-000000.tar", "mixed-000000.tar", "cut-000000.tar"):
+        for record in iter_shard(str(root / name), on_bad=bad.add_bad):
+            bad.add_good(record.shard)
+            keys.append(record.key)
+    return bad, keys
+
+
+def test_every_bad_sample_is_skipped_and_counted(corpus):
+    root, marker, expected, good = corpus
+    bad, keys = _read_all(root)
+    assert bad.bad == expected
+    assert len(keys) == good == bad.num_good
+    assert "img_100" in keys and keys.count("img_100") == 1  # the first of the duplicates
+    assert {"img_101", "img_102", "img_200", "img_202"} <= set(keys)
+    assert "img_203" not in keys  # cut short by the truncation
+    assert not marker.exists()  # the pickled member was refused, never unpickled
+
+
+def test_loader_goes_on_and_counts_by_reason_and_shard(corpus):
+    root, marker, expected, good = corpus
+    loader = Loader(
+        [TrainSource("d", [str(root)], {"mlm": 1.0, "mrckl": 1.0, "itm": 1.0})],
+        tokens_per_batch=400,
+        seed=0,
+        mode="exact",
+        # The first block reads all of epoch 0, then the first sample of epoch 1 (every shard
+        # starts with a good one).
+        block_images=good + 1,
+        max_bad_fraction=0.5,
+    )
+    next(loader)
+    assert loader.bad.bad == expected and loader.bad.num_good == good + 1
+    for _ in range(50):  # the run goes on, and later epochs count again
+        next(loader)
+    assert loader.bad.num_bad > len(expected)
+    assert not marker.exists()
+    worst = loader.bad.worst_shards()
+    assert worst[0].startswith("mixed-000000.tar: ")
+
+
+def test_too_many_bad_samples_stop_the_run_naming_the_worst_shards(corpus):
+    root, _, _, good = corpus
+    loader = Loader(
+        [TrainSource("d", [str(root)], {"mlm": 1.0})],
+        tokens_per_batch=400,
+        seed=0,
+        mode="exact",
+        block_images=good,
+        max_bad_fraction=0.05,
+        bad_check_min_samples=10,
+    )
+    with pytest.raises(BadDataError, match=r"max_bad_fraction 5\.00%.*mixed-000000\.tar: 8 bad"):
+        next(loader)
+
+
+def test_a_corpus_with_no_usable_sample_is_an_error_not_a_hang(tmp_path):
+    write_tar(tmp_path / "only-000000.tar", _members(make_record("x"), **{"feat.npy": b"junk"}))
+    loader = Loader(
+        [TrainSource("d", [str(tmp_path)], {"mlm": 1.0})],
+        tokens_per_batch=400,
+        seed=0,
+        max_bad_fraction=1.0,
+    )
+    with pytest.raises(BadDataError, match="none of the 1 shards"):
+        next(loader)
+
+
+def test_worker_errors_reach_the_training_process(tmp_path):
+    write_tar(tmp_path / "only-000000.tar", _members(make_record("x"), **{"feat.npy": b"junk"}))
+    loader = Loader(
+        [TrainSource("d", [str(tmp_path)], {"mlm": 1.0})],
+        tokens_per_batch=400,
+        seed=0,
+        num_workers=1,
+        max_bad_fraction=1.0,
+    )
+    with pytest.raises(BadDataError, match="none of the 1 shards"):
+        next(loader)
+    loader.close()
+
+
+def test_code_errors_are_not_swallowed(corpus, monkeypatch):
+    root = corpus[0]
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not bad data")
+
+    monkeypatch.setattr(shards_module, "validate_record", broken)
+    loader = Loader([TrainSource("d", [str(root)], {"mlm": 1.0})], tokens_per_batch=400, seed=0)
+    with pytest.raises(TypeError, match="a bug"):
+        next(loader)
+
+
+# --------------------------------------------------------------------------------------------
+# The tar reader itself
+
+
+def _shard_bytes(tmp_path, n=6) -> tuple[bytes, list[int]]:
+    with ShardWriter(tmp_path, prefix="s", max_samples=100) as writer:
+        for i in range(n):
+            writer.write(_good(i))
+    with tarfile.open(writer.paths[0]) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    return writer.paths[0].read_bytes(), offsets
+
+
+def test_damaged_header_costs_only_its_sample(tmp_path):
+    data, offsets = _shard_bytes(tmp_path)
+    damaged = bytearray(data)
+    damaged[offsets[2 * len(SHARD_FIELDS) + 1] + 20] ^= 0xFF  # a header inside sample 2
+    items = list(iter_samples(io.BytesIO(bytes(damaged))))
+    good = [i.key for i in items if isinstance(i, RawSample)]
+    lost = [(i.key, i.reason) for i in items if isinstance(i, SampleDamage)]
+    assert good == ["img_000", "img_001", "img_003", "img_004", "img_005"]
+    assert lost == [("img_002", "tar")]
+    # Python's tarfile would have stopped at the damage, silently:
+    with tarfile.open(fileobj=io.BytesIO(bytes(damaged)), mode="r|") as tar:
+        assert len([m for m in tar]) == 2 * len(SHARD_FIELDS) + 1
+
+
+def test_damage_between_samples_is_reported(tmp_path):
+    data, offsets = _shard_bytes(tmp_path)
+    damaged = bytearray(data)
+    damaged[offsets[3 * len(SHARD_FIELDS)] + 20] ^= 0xFF  # the first header of sample 3
+    bad = BadSamples()
+    keys = [r.key for r in _iter_bytes(tmp_path, bytes(damaged), bad)]
+    assert keys == ["img_000", "img_001", "img_002", "img_004", "img_005"]
+    assert bad.by_reason() == {"tar": 1}
+
+
+def _iter_bytes(tmp_path, data, bad):
+    path = tmp_path / "damaged.tar"
+    path.write_bytes(data)
+    return list(iter_shard(str(path), on_bad=bad.add_bad))
+
+
+def test_skip_resumes_inside_a_shard_without_reading_the_skipped(tmp_path):
+    data, _ = _shard_bytes(tmp_path)
+    items = list(iter_samples(io.BytesIO(data), skip=4))
+    assert [(i.key, i.index) for i in items] == [("img_004", 4), ("img_005", 5)]
+    path = tmp_path / "s-000000.tar"
+    with_positions = list(iter_shard(str(path), skip=2, positions=True))
+    assert [(i, r.key) for i, r in with_positions] == [(2, "img_002"), (3, "img_003")] + [
+        (4, "img_004"),
+        (5, "img_005"),
+    ]
+
+
+def test_long_member_names_use_pax_or_gnu_headers(tmp_path):
+    key = "very/" * 30 + "deep_key"  # past the 100 bytes a plain tar header holds
+    record = make_record(key)
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"long-{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, value in _members(record).items():
+                info = tarfile.TarInfo(name)
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+        (read,) = list(iter_shard(str(path)))
+        assert read.key == key
