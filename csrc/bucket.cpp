@@ -156,8 +156,10 @@ Batches bucket_batches(const int64_t* lengths, int64_t n, const int64_t* order,
     int64_t* bucket = ids.data() + s;
     size = std::min(o.bucket_size, n - s);
     // Longest first; stable, so equal lengths keep their shuffled order (Python's sorted).
-    std::stable_sort(bucket, bucket + size,
-                     [lengths](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+    if (o.sort_by_length) {
+      std::stable_sort(bucket, bucket + size,
+                       [lengths](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+    }
     if (o.mode == BucketMode::Padded) {
       fill_padded(lengths, bucket, size, o, writer);
     } else {

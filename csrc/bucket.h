@@ -51,6 +51,7 @@ struct BucketOptions {
   BucketMode mode = BucketMode::Padded;
   uint64_t seed = 0;
   bool shuffle_batches = true;
+  bool sort_by_length = true;  // false: fill in shuffled order (no length buckets)
 };
 
 // Batches as CSR: batch k is indices[offsets[k] : offsets[k + 1]].

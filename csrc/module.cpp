@@ -30,7 +30,7 @@ IndexArray to_numpy(const std::vector<int64_t>& v) {
 py::tuple bucket_batches(const IndexArray& lengths, int64_t max_tokens, int64_t bucket_size,
                          int64_t size_multiple, bool drop_last, const std::string& mode,
                          uint64_t seed, const std::optional<IndexArray>& order,
-                         bool shuffle_batches) {
+                         bool shuffle_batches, bool sort_by_length) {
   if (lengths.ndim() != 1) {
     throw std::invalid_argument("bucketing: lengths must be 1-d, got " +
                                 std::to_string(lengths.ndim()) + " dimensions");
@@ -47,6 +47,7 @@ py::tuple bucket_batches(const IndexArray& lengths, int64_t max_tokens, int64_t 
   options.drop_last = drop_last;
   options.seed = seed;
   options.shuffle_batches = shuffle_batches;
+  options.sort_by_length = sort_by_length;
   if (mode == "padded") {
     options.mode = uniter_fast::BucketMode::Padded;
   } else if (mode == "packed") {
@@ -104,7 +105,7 @@ the GIL released.)doc")
   m.def("bucket_batches", &bucket_batches, py::arg("lengths"), py::kw_only(),
         py::arg("max_tokens"), py::arg("bucket_size"), py::arg("size_multiple"),
         py::arg("drop_last"), py::arg("mode"), py::arg("seed"), py::arg("order") = py::none(),
-        py::arg("shuffle_batches") = true,
+        py::arg("shuffle_batches") = true, py::arg("sort_by_length") = true,
         "Token-bucket batches as (offsets int64 [num_batches + 1], indices int64 [total]); "
         "see uniter_fast.data.batching.token_bucket_batches.");
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"),

@@ -67,6 +67,7 @@ def problems(draw):
         "size_multiple": draw(st.sampled_from([1, 2, 8])),
         "mode": draw(st.sampled_from(["padded", "packed"])),
         "drop_last": draw(st.booleans()),
+        "sort_by_length": draw(st.booleans()),
         "seed": seed,
     }
 
@@ -119,6 +120,7 @@ def test_padded_mode_is_the_authors_sampler(p):
             mode="padded",
             order=order,
             shuffle_batches=False,
+            sort_by_length=True,
             backend=backend,
         )
         assert (got_error is None) == (want_error is None)
@@ -233,3 +235,26 @@ def test_edge_cases(backend):
     # drop_last drops each bucket's last open batch, as the reference does.
     out = run([4, 4, 4, 4, 4], max_tokens=8, size_multiple=1, bucket_size=5, drop_last=True)
     assert sorted(len(b) for b in out) == [2, 2]
+
+
+def test_unsorted_batches_follow_the_shuffled_order():
+    # sort_by_length=False: batches are consecutive runs of the shuffled order, cut by budget.
+    lengths = np.random.default_rng(0).integers(10, 160, 500)
+    order = np.random.default_rng(1).permutation(500)
+    for backend in ("python", "cpp") if extension_loaded() else ("python",):
+        batches = token_bucket_batches(
+            lengths,
+            max_tokens=1000,
+            bucket_size=500,
+            size_multiple=1,
+            mode="packed",
+            order=order,
+            shuffle_batches=False,
+            sort_by_length=False,
+            backend=backend,
+        )
+        assert np.array_equal(np.concatenate(batches), order)
+        assert all(lengths[b].sum() <= 1000 for b in batches)
+        # Each batch is closed only by a sample that would not fit.
+        for b, nxt in zip(batches, batches[1:], strict=False):
+            assert lengths[b].sum() + lengths[nxt[0]] > 1000

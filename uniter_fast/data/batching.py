@@ -128,6 +128,7 @@ def token_bucket_batches(
     seed: int = 0,
     order: Sequence[int] | np.ndarray | None = None,
     shuffle_batches: bool = True,
+    sort_by_length: bool = True,
     backend: str = "auto",
 ) -> list[np.ndarray]:
     """Batches of sample indices under a token budget (the algorithm: this module's docstring).
@@ -137,6 +138,8 @@ def token_bucket_batches(
         (`mode="packed"`: the sum of the samples' lengths).
     order: int [n], a permutation of 0..n-1 used instead of the seeded first shuffle.
     shuffle_batches: False keeps the batches in bucket order (the deterministic part).
+    sort_by_length: False skips step 2's sort: batches are filled in shuffled order (random
+        batches under the budget; no length buckets).
     backend: "auto" (the C++ extension when loaded), "cpp" or "python" (the reference).
 
     Returns a list of int64 index arrays [batch size], together a permutation of 0..n-1 (less
@@ -157,6 +160,7 @@ def token_bucket_batches(
             seed=seed,
             order=order,
             shuffle_batches=shuffle_batches,
+            sort_by_length=sort_by_length,
         )
     if _C is None:
         raise RuntimeError("bucketing: backend='cpp' but uniter_fast._C is not importable")
@@ -172,6 +176,7 @@ def token_bucket_batches(
         seed=seed & _MASK64,
         order=_as_order(order, lens.shape[0]),
         shuffle_batches=shuffle_batches,
+        sort_by_length=sort_by_length,
     )
     return [indices[offsets[k] : offsets[k + 1]] for k in range(offsets.shape[0] - 1)]
 
@@ -187,6 +192,7 @@ def token_bucket_batches_reference(
     seed: int = 0,
     order: Sequence[int] | np.ndarray | None = None,
     shuffle_batches: bool = True,
+    sort_by_length: bool = True,
 ) -> list[np.ndarray]:
     """`token_bucket_batches` in plain Python, written as the authors' sampler is: the oracle.
 
@@ -211,6 +217,8 @@ def token_bucket_batches_reference(
             seen.add(i)
     buckets = [
         sorted(ids[i : i + bucket_size], key=lambda i: lens[i], reverse=True)
+        if sort_by_length
+        else ids[i : i + bucket_size]
         for i in range(0, n, bucket_size)
     ]
     batches: list[list[int]] = []
