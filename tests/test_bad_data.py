@@ -8,6 +8,7 @@ key, a pickled member, a damaged tar header and a truncated tar.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections import Counter
 
@@ -268,3 +269,153 @@ def test_long_member_names_use_pax_or_gnu_headers(tmp_path):
                 tar.addfile(info, io.BytesIO(value))
         (read,) = list(iter_shard(str(path)))
         assert read.key == key
+
+
+# --------------------------------------------------------------------------------------------
+# Found in review: each of these once lost samples silently or crashed the run
+
+
+def _offsets(tmp_path, n=6):
+    data, offsets = _shard_bytes(tmp_path, n)
+    return data, offsets, len(SHARD_FIELDS)
+
+
+def test_truncation_at_a_header_boundary_is_reported(tmp_path):
+    data, offsets, k = _offsets(tmp_path)
+    # Cut before sample 3 (sample 2 is whole) and after its first member (sample 3 is lost).
+    for cut in (offsets[3 * k], offsets[3 * k + 1]):
+        bad = BadSamples()
+        keys = [r.key for r in _iter_bytes(tmp_path, data[:cut], bad)]
+        assert keys == ["img_000", "img_001", "img_002"]
+        assert bad.by_reason() == {"tar": 1}, (cut, bad.bad)
+
+
+def test_truncation_inside_a_new_samples_first_member_keeps_the_sample_before(tmp_path):
+    data, offsets, k = _offsets(tmp_path)
+    bad = BadSamples()
+    keys = [r.key for r in _iter_bytes(tmp_path, data[: offsets[3 * k] + 700], bad)]
+    assert keys == ["img_000", "img_001", "img_002"] and bad.by_reason() == {"tar": 1}
+
+
+def test_zero_blocks_inside_damaged_data_do_not_end_the_shard(tmp_path):
+    records = [_good(i) for i in range(6)]
+    zeros = records[2].feat.copy()
+    zeros[:5] = 0  # 20 kB of zero bytes: whole zero tar blocks inside the member
+    records[2].feat = zeros
+    with ShardWriter(tmp_path, prefix="z", max_samples=100) as writer:
+        for r in records:
+            writer.write(r)
+    with tarfile.open(writer.paths[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name == "img_002.feat.npy")
+    damaged = bytearray(writer.paths[0].read_bytes())
+    damaged[member.offset + 20] ^= 0xFF
+    bad = BadSamples()
+    keys = [r.key for r in _iter_bytes(tmp_path, bytes(damaged), bad)]
+    assert keys == ["img_000", "img_001", "img_003", "img_004", "img_005"]
+    assert bad.by_reason() == {"tar": 1}
+
+
+def test_failing_pipe_commands_are_counted_not_fatal(tmp_path):
+    data, _, _ = _offsets(tmp_path)
+    good = tmp_path / "s-000000.tar"
+    bad = BadSamples()
+    everything = [f"img_{i:03d}" for i in range(6)]
+    assert [r.key for r in iter_shard(f"pipe:cat {tmp_path}/absent.tar", on_bad=bad.add_bad)] == []
+    # A command that fails after its output: what was read before the failure is kept.
+    failed = [r.key for r in iter_shard(f"pipe:cat {good}; exit 3", on_bad=bad.add_bad)]
+    assert failed == everything[: len(failed)]
+    assert [r.key for r in iter_shard(f"pipe:cat {good}", on_bad=bad.add_bad)] == everything
+    assert bad.by_reason() == {"io": 2}
+    # Stopping early (the loader's close) is not an error, whatever the shell does.
+    records = iter_shard(f"pipe:exec cat {good}", on_bad=bad.add_bad)
+    next(records)
+    records.close()
+    assert bad.by_reason() == {"io": 2}
+
+
+def test_gzipped_shards_are_read(tmp_path):
+    import gzip
+
+    data, _, _ = _offsets(tmp_path)
+    (tmp_path / "g-000000.tar.gz").write_bytes(gzip.compress(data))
+    assert len(list(iter_shard(str(tmp_path / "g-000000.tar.gz")))) == 6
+
+
+def test_hostile_json_and_reserved_member_names_are_bad_samples(tmp_path):
+    deep = b'{"input_ids": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    huge = b'{"image_id": ' + b"9" * 5000 + b"}"
+    members = {}
+    members.update(_members(make_record("deep"), **{"captions.json": deep}))
+    members.update(_members(make_record("huge"), **{"meta.json": huge}))
+    members.update(_members(make_record("renamed")))
+    members["renamed.__key__"] = b"someone_else"
+    members.update(_members(make_record("fine")))
+    write_tar(tmp_path / "h-000000.tar", members)
+    bad = BadSamples()
+    keys = [r.key for r in iter_shard(str(tmp_path / "h-000000.tar"), on_bad=bad.add_bad)]
+    assert keys == ["fine"]
+    assert bad.by_reason() == {"decode": 2, "forbidden_member": 1}
+
+
+def test_pipe_urls_are_named_by_their_tar():
+    from uniter_fast.data.shards import shard_name
+
+    assert shard_name("pipe:aws s3 cp s3://b/coco-000001.tar -") == "coco-000001.tar"
+    assert shard_name("pipe:curl -s https://h/x/vg-000002.tar?sig=abc") == "vg-000002.tar"
+    assert shard_name("https://h/x/cc-000003.tar?sig=abc") == "cc-000003.tar"
+
+
+def test_bad_counts_survive_a_resume(tmp_path):
+    members = {}
+    for i in range(12):
+        if i in (6, 9):
+            members.update(_members(make_record(f"bad_{i}"), **{"feat.npy": b"junk"}))
+        else:
+            members.update(_members(_good(i)))
+    write_tar(tmp_path / "r-000000.tar", members)
+    kw = dict(tokens_per_batch=60, seed=0, mode="exact", block_images=2, max_bad_fraction=1.0)
+    sources = [TrainSource("d", tmp_path, {"mlm": 1.0})]  # a Path, not a list of strings
+    for taken in range(1, 8):
+        whole = Loader(sources, **kw)
+        for _ in range(taken):
+            next(whole)
+        state = json.loads(json.dumps(whole.state_dict()))
+        for _ in range(12):
+            next(whole)
+        resumed = Loader(sources, state=state, **kw)
+        for _ in range(12):
+            next(resumed)
+        assert resumed.bad.bad == whole.bad.bad, taken
+        assert resumed.bad.good == whole.bad.good, taken
+
+
+def test_resume_refuses_a_changed_shard_set(tmp_path):
+    for i in range(2):
+        with ShardWriter(tmp_path, prefix=f"p{i}", max_samples=100) as writer:
+            writer.write(_good(i))
+    sources = [TrainSource("d", str(tmp_path), {"mlm": 1.0})]
+    loader = Loader(sources, tokens_per_batch=400, seed=0)
+    next(loader)
+    state = loader.state_dict()
+    with ShardWriter(tmp_path, prefix="p9", max_samples=100) as writer:
+        writer.write(_good(9))
+    with pytest.raises(ValueError, match="different loader setup"):
+        Loader(sources, tokens_per_batch=400, seed=0, state=state)
+
+
+def test_a_reader_of_nothing_but_bad_data_stops_early(tmp_path):
+    for s in range(30):
+        members = {}
+        for i in range(20):
+            members.update(_members(make_record(f"b{s}_{i}"), **{"feat.npy": b"junk"}))
+        write_tar(tmp_path / f"bad-{s:06d}.tar", members)
+    loader = Loader(
+        [TrainSource("d", [str(tmp_path)], {"mlm": 1.0})],
+        tokens_per_batch=400,
+        seed=0,
+        max_bad_fraction=0.5,
+        bad_check_min_samples=50,
+    )
+    with pytest.raises(BadDataError, match="max_bad_fraction") as info:
+        next(loader)
+    assert "50 of 50 samples read were bad" in str(info.value)  # not the whole corpus first

@@ -219,6 +219,9 @@ class DataConfig:
     block_images: images per shuffle block, per dataset and loader worker (about 0.4 MB each at
         base size); pairs are shuffled and bucketed by length within a block, and ITM negatives
         are drawn from it;
+    length_buckets: sort each block by length before cutting batches (the reference's token
+        buckets): less padding for a padded attention backend, but the captions of one image
+        (nearly equal lengths, all in one block) then tend to share a batch;
     num_workers: DataLoader worker processes per rank building batches (0: the training process);
     max_bad_fraction: the run stops when more than this fraction of the samples read were bad
         (bad samples are always skipped, counted by reason and shard, and logged);
@@ -229,6 +232,7 @@ class DataConfig:
     tokens_per_batch: int = 2048
     mode: str = "resampled"
     block_images: int = 500
+    length_buckets: bool = False
     num_workers: int = 0
     max_bad_fraction: float = 0.01
     synthetic_images: int = 600

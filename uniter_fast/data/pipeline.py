@@ -33,6 +33,7 @@ shards, once the bad fraction passes `max_bad_fraction`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -72,6 +73,10 @@ class TrainSource:
     shards: Sequence[str]
     mix: dict[str, float]
 
+    def __post_init__(self) -> None:
+        shards = [self.shards] if isinstance(self.shards, (str, os.PathLike)) else self.shards
+        self.shards = [os.fspath(s) for s in shards]
+
 
 class BadDataError(RuntimeError):
     """Too many bad samples: the run stops (the message names the worst shards)."""
@@ -82,20 +87,32 @@ class BadDataError(RuntimeError):
 
 
 class BadSamples:
-    """Samples read and skipped, by shard and reason; mergeable across workers and ranks."""
+    """Samples read and skipped, by shard and reason; mergeable across workers and ranks.
 
-    def __init__(self) -> None:
+    limit: (max_bad_fraction, min_samples) checked on every bad sample against the counts
+        since creation (`take` resets only the delta), so that a reader meeting nothing but bad
+        data stops by itself instead of reading on without ever producing a batch.
+    """
+
+    def __init__(self, limit: tuple[float, int] | None = None) -> None:
         self.good: Counter[str] = Counter()  # shard -> samples kept
         self.bad: Counter[tuple[str, str]] = Counter()  # (shard, reason) -> samples skipped
         self.messages: list[str] = []  # first few messages, not yet forwarded
+        self.limit = limit
+        self.lifetime = BadSamples() if limit else None
 
     def add_good(self, shard: str) -> None:
         self.good[shard] += 1
+        if self.lifetime is not None:
+            self.lifetime.good[shard] += 1
 
     def add_bad(self, err: ShardFormatError) -> None:
         self.bad[(err.shard, err.reason)] += 1
         if len(self.messages) < _MESSAGES_PER_BATCH:
             self.messages.append(str(err))
+        if self.lifetime is not None:
+            self.lifetime.bad[(err.shard, err.reason)] += 1
+            self.lifetime.check(*self.limit)
 
     @property
     def num_good(self) -> int:
@@ -167,6 +184,13 @@ def _seed(*parts: int) -> np.random.Generator:
     return np.random.default_rng([int(p) for p in parts])
 
 
+def _shard_digest(patterns: Sequence[str]) -> list:
+    """[number of shards, sha1 of their names in order]: what a resume must find unchanged."""
+    urls = list_shards(patterns)
+    names = "\n".join(os.path.basename(u) if "://" not in u else u for u in urls)
+    return [len(urls), hashlib.sha1(names.encode()).hexdigest()]
+
+
 def shard_order(urls: Sequence[str], mode: str, seed: int, epoch: int) -> list[str]:
     """The shards read in `epoch`: a permutation (exact) or draws with replacement (resampled)."""
     rng = _seed(seed, epoch, 0x5A4D)
@@ -219,7 +243,7 @@ class ImageStream:
             if self._records is None:
                 url = self._order[pos.index]
                 self._records = iter_shard(
-                    url, vocab=self.vocab, on_bad=self.bad.add_bad, skip=pos.offset, positions=True
+                    url, vocab=self.vocab, on_bad=self._on_bad, skip=pos.offset, positions=True
                 )
                 self._got_one = pos.offset > 0
             try:
@@ -247,6 +271,11 @@ class ImageStream:
             self._got_one = True
             self.bad.add_good(record.shard)
             return record
+
+    def _on_bad(self, err: ShardFormatError) -> None:
+        # Looked up per call: a resumed BlockBatcher swaps `self.bad` while it re-reads a block,
+        # and the shard opened then goes on reporting after the swap back.
+        self.bad.add_bad(err)
 
     def close(self) -> None:
         if self._records is not None:
@@ -276,8 +305,10 @@ class BlockBatcher:
         bad: BadSamples,
         vocab: Vocab = BERT_BASE_CASED,
         state: dict | None = None,
+        length_buckets: bool = False,
     ) -> None:
         self.seed = seed
+        self.length_buckets = length_buckets
         self.tokens_per_batch = tokens_per_batch
         self.block_images = block_images
         self.bad = bad
@@ -311,9 +342,11 @@ class BlockBatcher:
         self._pairs = [(caption, image) for image in images for caption in image.captions]
         lengths = np.array([pair_tokens(c, i) for c, i in self._pairs], dtype=np.int64)
         block_seed = int(_seed(self.seed, self.block_number, 0xB10C).integers(2**63))
-        # The whole block is one bucket: sorted by length, cut into batches of at most
-        # `tokens_per_batch` real tokens, the batches shuffled (the reference's token buckets,
-        # budgeting real tokens instead of padded ones).
+        # The whole block is one bucket, shuffled and cut into batches of at most
+        # `tokens_per_batch` real tokens. With length buckets it is sorted by length first (the
+        # reference's token buckets): less padding for a padded attention backend, but a
+        # block holds all captions of its images, and those have nearly equal lengths, so they
+        # would often share a batch.
         self._batches = token_bucket_batches(
             lengths,
             max_tokens=self.tokens_per_batch,
@@ -321,6 +354,7 @@ class BlockBatcher:
             size_multiple=1,
             mode="packed",
             seed=block_seed,
+            sort_by_length=self.length_buckets,
         )
         self.taken = 0
 
@@ -389,6 +423,9 @@ class RoleStream:
         vocab: Vocab = BERT_BASE_CASED,
         state: dict | None = None,
         pack_into: str | None = None,
+        length_buckets: bool = False,
+        max_bad_fraction: float = 1.0,
+        bad_check_min_samples: int = BAD_CHECK_MIN_SAMPLES,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
@@ -397,7 +434,7 @@ class RoleStream:
         self.seed = seed
         self.vocab = vocab
         self.pack_into = pack_into
-        self.bad = BadSamples()
+        self.bad = BadSamples(limit=(max_bad_fraction, bad_check_min_samples))
         mixer_seed = int(_seed(seed, role, 0x313).integers(2**62))
         self.mixer = TaskMixer(
             [(s.name, task, ratio) for s in sources for task, ratio in s.mix.items()],
@@ -420,6 +457,7 @@ class RoleStream:
                 bad=self.bad,
                 vocab=vocab,
                 state=state.get("datasets", {}).get(s.name),
+                length_buckets=length_buckets,
             )
 
     def __iter__(self) -> RoleStream:
@@ -487,8 +525,14 @@ class PretrainData(IterableDataset):
         vocab: Vocab = BERT_BASE_CASED,
         states: dict[int, dict] | None = None,
         first_role: int = 0,
+        length_buckets: bool = False,
+        max_bad_fraction: float = 1.0,
+        bad_check_min_samples: int = BAD_CHECK_MIN_SAMPLES,
     ) -> None:
         self.sources = list(sources)
+        self.length_buckets = length_buckets
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_check_min_samples = bad_check_min_samples
         self.tokens_per_batch = tokens_per_batch
         self.seed = seed
         self.mode = mode
@@ -515,6 +559,9 @@ class PretrainData(IterableDataset):
             state=self.states.get(local),
             # In a worker, pack straight into shared memory: the hand-over then moves no bytes.
             pack_into="shared" if info else None,
+            length_buckets=self.length_buckets,
+            max_bad_fraction=self.max_bad_fraction,
+            bad_check_min_samples=self.bad_check_min_samples,
         )
         try:
             while True:
@@ -530,6 +577,7 @@ class Loader:
     num_workers: DataLoader worker processes building batches (0: in this process).
     pin_memory: hand batches over in pinned memory (for asynchronous copies to a GPU).
     state: a `state_dict()` to resume from (same sources, mode, seed, workers and world size).
+    length_buckets: sort each block by length before cutting batches (see `BlockBatcher`).
     max_bad_fraction: stop (BadDataError) once more than this fraction of samples were bad.
     """
 
@@ -550,6 +598,7 @@ class Loader:
         max_bad_fraction: float = 0.01,
         bad_check_min_samples: int = BAD_CHECK_MIN_SAMPLES,
         state: dict | None = None,
+        length_buckets: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
@@ -559,6 +608,17 @@ class Loader:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        sources = [s if isinstance(s, TrainSource) else TrainSource(*s) for s in sources]
+        itm = [s.name for s in sources if "itm" in s.mix]
+        if block_images < (2 if itm else 1):
+            raise ValueError(
+                f"block_images must be at least {2 if itm else 1}, got {block_images}"
+                + (
+                    f" (ITM negatives of {itm[0]!r} come from the block's other images)"
+                    if itm
+                    else ""
+                )
+            )
         self.num_roles = max(num_workers, 1)
         self.max_bad_fraction = max_bad_fraction
         self.bad_check_min_samples = bad_check_min_samples
@@ -571,7 +631,10 @@ class Loader:
             "rank": rank,
             "tokens_per_batch": tokens_per_batch,
             "block_images": block_images,
-            "sources": [[s.name, list(s.shards)] for s in sources],
+            "length_buckets": length_buckets,
+            # The expanded shard lists, not the patterns: a shard added to a folder since the
+            # checkpoint would shift every reader's split.
+            "sources": [[s.name, _shard_digest(s.shards)] for s in sources],
         }
         states, first_role = {}, 0
         if state:
@@ -602,6 +665,9 @@ class Loader:
             vocab=vocab,
             states=states,
             first_role=first_role,
+            length_buckets=length_buckets,
+            max_bad_fraction=max_bad_fraction,
+            bad_check_min_samples=bad_check_min_samples,
         )
         if num_workers:
             self._loader = DataLoader(
@@ -648,6 +714,8 @@ class Loader:
         it, self._it = self._it, iter(())
         if hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
+        elif hasattr(it, "close"):  # our own generator: closes the open shard
+            it.close()
 
 
 # --------------------------------------------------------------------------------------------

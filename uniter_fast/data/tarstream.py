@@ -101,7 +101,7 @@ def _header_ok(block: bytes) -> bool:
 
 def _name(block: bytes) -> str:
     name = block[0:100].split(b"\0", 1)[0]
-    if block[257:262] == b"ustar":
+    if block[257:263] == b"ustar\0":  # POSIX ustar; GNU's "ustar  " keeps times there
         prefix = block[345:500].split(b"\0", 1)[0]
         if prefix:
             name = prefix + b"/" + name
@@ -183,8 +183,10 @@ class _Member:
 
 @dataclass
 class _Damage:
+    """The archive ends early (`name`: the member being read, None at a header boundary)."""
+
     detail: str
-    fatal: bool
+    name: str | None = None
 
 
 def _iter_members(stream: _Stream, want_data) -> Iterator[_Member | _Damage]:
@@ -193,22 +195,21 @@ def _iter_members(stream: _Stream, want_data) -> Iterator[_Member | _Damage]:
     want_data(name) -> bool: whether to read the member's bytes (else they are skipped).
     """
     pending_name: str | None = None
-    damage: str | None = None
+    damage: str | None = None  # set while resynchronising after a bad header
     while True:
         start = stream.offset
         block = stream.read(BLOCK)
         if not block:
-            if damage:
-                yield _Damage(damage, fatal=False)
+            # A whole archive ends with zero blocks: a stream that just stops was cut short.
+            yield _Damage(damage or f"archive ends at byte {start} without its end marker")
             return
         if len(block) < BLOCK:
-            yield _Damage(f"truncated header at byte {start}", fatal=True)
+            yield _Damage(damage or f"truncated header at byte {start}")
             return
         if block == _ZERO_BLOCK:
-            # End of archive (tar writes two zero blocks, then record padding): stop here.
-            if damage:
-                yield _Damage(damage, fatal=False)
-            return
+            if damage is not None:
+                continue  # zeros inside a damaged member's data: keep looking for a header
+            return  # the end of the archive (two zero blocks, then record padding)
         if not _header_ok(block):
             if damage is None:
                 damage = f"invalid tar header at byte {start}"
@@ -227,8 +228,8 @@ def _iter_members(stream: _Stream, want_data) -> Iterator[_Member | _Damage]:
         kind = block[156:157]
         if kind in _PAX or kind == _GNU_LONGNAME:
             data = stream.read(padded)
-            if len(data) < padded:
-                yield _Damage(f"truncated extended header at byte {start}", fatal=True)
+            if len(data) < size:
+                yield _Damage(f"truncated extended header at byte {start}")
                 return
             data = data[:size]
             if kind == _GNU_LONGNAME:
@@ -239,21 +240,24 @@ def _iter_members(stream: _Stream, want_data) -> Iterator[_Member | _Damage]:
         name = pending_name or _name(block)
         pending_name = None
         if kind == _PAX_GLOBAL or kind in _SKIP_TYPES or kind not in _REGULAR:
-            if not stream.skip(padded):
-                yield _Damage(f"truncated member {name!r} at byte {start}", fatal=True)
+            if not stream.skip(size):
+                yield _Damage(f"truncated member {name!r} at byte {start}")
                 return
+            stream.skip(padded - size)  # a cut in the padding alone loses nothing
             continue
         member = _Member(name, None, damaged_before=damage)
         damage = None
         if want_data(name):
             data = stream.read(padded)
             if len(data) < size:
-                yield _Damage(f"truncated member {name!r} at byte {start}", fatal=True)
+                yield _Damage(f"truncated member {name!r} at byte {start}", name)
                 return
             member.data = data[:size]
-        elif not stream.skip(padded):
-            yield _Damage(f"truncated member {name!r} at byte {start}", fatal=True)
+        elif not stream.skip(size):
+            yield _Damage(f"truncated member {name!r} at byte {start}", name)
             return
+        else:
+            stream.skip(padded - size)
         yield member
 
 
@@ -274,8 +278,7 @@ def iter_samples(fileobj, *, skip: int = 0) -> Iterator[RawSample | SampleDamage
     for item in _iter_members(_Stream(fileobj), grouper.wants):
         if isinstance(item, _Damage):
             yield from grouper.damage(item)
-            if item.fatal:
-                return
+            return
         else:
             yield from grouper.add(item)
     yield from grouper.finish()
@@ -317,17 +320,26 @@ class _Grouper:
         if member.data is not None:
             self.members[suffix] = member.data
 
-    def damage(self, damage: _Damage) -> Iterator[SampleDamage]:
-        if not damage.fatal:  # junk after the last member: no sample lost
-            yield from self.finish(damage_after=damage.detail)
+    def damage(self, damage: _Damage) -> Iterator[RawSample | SampleDamage]:
+        """The archive ends early: nothing after this point can be read."""
+        cut_key = _split_name(damage.name)[0] if damage.name is not None else None
+        if cut_key is not None and cut_key == self.key:
+            # Cut inside one of the current sample's members: that sample is lost.
+            key, index = self.key, self.index
+            self.key = None
+            if index >= self.skip:
+                yield SampleDamage("tar", damage.detail, key=key, index=index, fatal=True)
             return
-        key, index = self.key, self.index
-        self.key = None
-        if key is not None and index >= self.skip:
-            # The group being read is cut short: it is lost, and so is the rest of the shard.
-            yield SampleDamage("tar", damage.detail, key=key, index=index, fatal=True)
+        if self.key is None:
+            if cut_key is None:
+                yield SampleDamage("tar", damage.detail, fatal=True)
         else:
-            yield SampleDamage("tar", damage.detail, fatal=True)
+            # The current sample may be whole or may have lost its last members: decoding
+            # tells (`damage_after`).
+            yield from self.finish(damage_after=damage.detail)
+        if cut_key is not None and self.index + 1 >= self.skip:
+            # Cut inside the first member of a new sample.
+            yield SampleDamage("tar", damage.detail, key=cut_key, index=self.index + 1, fatal=True)
 
     def finish(self, damage_after: str | None = None) -> Iterator[RawSample | SampleDamage]:
         if self.key is None:

@@ -201,6 +201,7 @@ def train(run: Run) -> dict:
         seed=cfg.seed,
         mode=cfg.data.mode,
         block_images=cfg.data.block_images,
+        length_buckets=cfg.data.length_buckets,
         num_workers=cfg.data.num_workers,
         pin_memory=run.device.type == "cuda",
         max_bad_fraction=cfg.data.max_bad_fraction,
