@@ -157,11 +157,7 @@ class ButdTsvSource(Source):
         captioned = [img for img in self.coco.images if img.captions]
         self._captioned = [img.image_id for img in captioned]
         self._index = {img.image_id: (i, img) for i, img in enumerate(captioned)}
-        if self.coco.duplicates:
-            self.warnings.append(
-                f"{self.captions_path}: {len(self.coco.duplicates)} image id(s) listed more than "
-                f"once, the first entry kept (e.g. {', '.join(self.coco.duplicates[:5])})"
-            )
+        self.warnings.extend(self.coco.warnings())
 
     def identity(self) -> dict:
         return {

@@ -131,6 +131,15 @@ class CocoCaptions:
         order = sorted(raw_ids, key=(lambda k: raw_ids[k]) if numeric else None)
         self.images = [self.by_id[k] for k in order]
 
+    def warnings(self) -> list[str]:
+        """What a converter reading this file should warn about (duplicated image ids)."""
+        if not self.duplicates:
+            return []
+        return [
+            f"{self.path}: {len(self.duplicates)} image id(s) listed more than once, the first "
+            f"entry kept (e.g. {', '.join(self.duplicates[:5])})"
+        ]
+
     def fingerprint(self) -> dict:
         return input_fingerprint(self.path)
 
@@ -320,11 +329,7 @@ class NpzCaptionsSource(Source):
         self._npz_set = set(self._npz)
         if self.missing_soft_labels == "uniform":
             self.warnings.append(UNIFORM_WARNING)
-        if self.coco.duplicates:
-            self.warnings.append(
-                f"{self.captions_path}: {len(self.coco.duplicates)} image id(s) listed more than "
-                f"once, the first entry kept (e.g. {', '.join(self.coco.duplicates[:5])})"
-            )
+        self.warnings.extend(self.coco.warnings())
 
     def identity(self) -> dict:
         return {
