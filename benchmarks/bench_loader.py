@@ -100,6 +100,7 @@ def stage_rates(urls: list[str], images: int, tokens_per_batch: int) -> dict:
             cur.append(ex)
             tokens += cost
         batches.append(cur)
+        collate(batches[0], task)  # warm-up: first-touch page faults of the allocator
         t0 = time.perf_counter()
         for b in batches:
             collate(b, task)
