@@ -12,23 +12,26 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_packed_vs_padded_quick_run(tmp_path):
-    out = tmp_path / "result.json"
+def run_benchmark(script: str, *args: str, out: Path, timeout: int = 300) -> dict:
+    """Run benchmarks/<script> with `--out out`; return its result JSON (CPU, stamped)."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_packed_vs_padded.py",
-            *("--device", "cpu", "--quick", "--out", str(out)),
-        ],
+        [sys.executable, f"benchmarks/{script}", *args, "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     env = result["environment"]
     assert env["device_class"] == "cpu" and env["torch"] and "git_commit" in env
+    return result
+
+
+def test_packed_vs_padded_quick_run(tmp_path):
+    result = run_benchmark(
+        "bench_packed_vs_padded.py", "--device", "cpu", "--quick", out=tmp_path / "result.json"
+    )
     assert set(result["tasks"]) == {"mlm", "mrfr", "mrckl", "itm"}
     for task, entry in result["tasks"].items():
         # Both providers computed the same losses before anything was timed.
@@ -50,22 +53,12 @@ def test_collate_quick_run(tmp_path):
 
     if not extension_loaded():
         pytest.skip(f"uniter_fast._C is not built ({extension_error()})")
-    out = tmp_path / "collate.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_collate.py",
-            *("--quick", "--batch-sizes", "2", "--tasks", "mlm", "mrckl"),
-            *("--bucket-lengths", "64", "--out", str(out)),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    result = run_benchmark(
+        "bench_collate.py",
+        *("--quick", "--batch-sizes", "2", "--tasks", "mlm", "mrckl", "--bucket-lengths", "64"),
+        out=tmp_path / "collate.json",
         timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["environment"]["device_class"] == "cpu" and "git_commit" in result["environment"]
     assert set(result["tasks"]) == {"mlm", "mrckl"}
     for task, sizes in result["tasks"].items():
         case = sizes["2"]
@@ -77,17 +70,7 @@ def test_collate_quick_run(tmp_path):
 
 
 def test_loader_quick_run(tmp_path):
-    out = tmp_path / "loader.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_loader.py", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["environment"]["device_class"] == "cpu" and "git_commit" in result["environment"]
+    result = run_benchmark("bench_loader.py", "--quick", out=tmp_path / "loader.json")
     assert {r["workers"] for r in result["loader"]} == {0, 1}
     assert all(r["pairs_per_s"] > 0 and r["mb_per_s"] > 0 for r in result["loader"])
     assert {"read_decode_validate", "pack_mlm", "build_itm"} <= set(result["stages"])
