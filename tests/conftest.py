@@ -9,6 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run in Triton's interpreter, which has to be chosen before
+# triton is first imported (kernels are interpreted or compiled when they are defined). On a
+# CUDA machine they run compiled, as in training.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.schema import BERT_BASE_CASED
 
