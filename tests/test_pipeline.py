@@ -159,20 +159,10 @@ def test_workers_match_the_single_process_roles(shards):
     a = _loader(shards, 5, num_workers=2)
     got = [next(a) for _ in range(6)]
     a.close()
-    from uniter_fast.data.pipeline import RoleStream
+    from uniter_fast.data.pipeline import RoleStream, StreamSettings
 
-    roles = [
-        RoleStream(
-            _sources(shards),
-            role=r,
-            num_roles=2,
-            seed=5,
-            mode="resampled",
-            tokens_per_batch=1024,
-            block_images=16,
-        )
-        for r in range(2)
-    ]
+    settings = StreamSettings(tokens_per_batch=1024, seed=5, block_images=16)
+    roles = [RoleStream(_sources(shards), settings, role=r, num_roles=2) for r in range(2)]
     want = [next(roles[i % 2]) for i in range(6)]
     assert all(_same(x, y) for x, y in zip(got, want, strict=True))
 

@@ -78,6 +78,37 @@ class TrainSource:
         self.shards = [os.fspath(s) for s in shards]
 
 
+@dataclass(frozen=True)
+class StreamSettings:
+    """How every role of a loader turns its shards into batches (one object, shared by all).
+
+    tokens_per_batch: real tokens (text + regions) per batch; seed: of every random choice;
+    mode: "resampled" or "exact"; block_images: images per shuffle block; length_buckets: sort
+    a block by length before cutting it (see `BlockBatcher`); max_bad_fraction and
+    bad_check_min_samples: when a reader gives up on its data (see `BadSamples`).
+    """
+
+    tokens_per_batch: int
+    seed: int
+    mode: str = "resampled"
+    block_images: int = 500
+    length_buckets: bool = False
+    max_bad_fraction: float = 1.0
+    bad_check_min_samples: int = BAD_CHECK_MIN_SAMPLES
+    vocab: Vocab = BERT_BASE_CASED
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"data mode must be one of {MODES}, got {self.mode!r}")
+        if self.tokens_per_batch < 1 or self.block_images < 1:
+            raise ValueError(
+                "tokens_per_batch and block_images must be >= 1, got "
+                f"{self.tokens_per_batch} and {self.block_images}"
+            )
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
 class BadDataError(RuntimeError):
     """Too many bad samples: the run stops (the message names the worst shards)."""
 
@@ -413,28 +444,20 @@ class RoleStream:
     def __init__(
         self,
         sources: Sequence[TrainSource],
+        settings: StreamSettings,
         *,
         role: int,
         num_roles: int,
-        seed: int,
-        mode: str,
-        tokens_per_batch: int,
-        block_images: int,
-        vocab: Vocab = BERT_BASE_CASED,
         state: dict | None = None,
         pack_into: str | None = None,
-        length_buckets: bool = False,
-        max_bad_fraction: float = 1.0,
-        bad_check_min_samples: int = BAD_CHECK_MIN_SAMPLES,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
         state = state or {}
+        seed = settings.seed
         self.role = role
         self.seed = seed
-        self.vocab = vocab
+        self.vocab = settings.vocab
         self.pack_into = pack_into
-        self.bad = BadSamples(limit=(max_bad_fraction, bad_check_min_samples))
+        self.bad = BadSamples(limit=(settings.max_bad_fraction, settings.bad_check_min_samples))
         mixer_seed = int(_seed(seed, role, 0x313).integers(2**62))
         self.mixer = TaskMixer(
             [(s.name, task, ratio) for s in sources for task, ratio in s.mix.items()],
@@ -447,17 +470,19 @@ class RoleStream:
         for i, s in enumerate(sources):
             if s.name in self.datasets:
                 raise ValueError(f"dataset name {s.name!r} used twice")
-            urls = split_shards(list_shards(s.shards), role, num_roles, mode, f"dataset {s.name!r}")
+            urls = split_shards(
+                list_shards(s.shards), role, num_roles, settings.mode, f"dataset {s.name!r}"
+            )
             self.datasets[s.name] = BlockBatcher(
                 urls,
-                mode=mode,
+                mode=settings.mode,
                 seed=int(_seed(seed, role, i, 0xDA7A).integers(2**62)),
-                tokens_per_batch=tokens_per_batch,
-                block_images=block_images,
+                tokens_per_batch=settings.tokens_per_batch,
+                block_images=settings.block_images,
                 bad=self.bad,
-                vocab=vocab,
+                vocab=settings.vocab,
                 state=state.get("datasets", {}).get(s.name),
-                length_buckets=length_buckets,
+                length_buckets=settings.length_buckets,
             )
 
     def __iter__(self) -> RoleStream:
@@ -515,31 +540,17 @@ class PretrainData(IterableDataset):
     def __init__(
         self,
         sources: Sequence[TrainSource],
+        settings: StreamSettings,
         *,
-        tokens_per_batch: int,
-        seed: int,
-        mode: str = "resampled",
-        block_images: int = 500,
         rank: int = 0,
         world_size: int = 1,
-        vocab: Vocab = BERT_BASE_CASED,
         states: dict[int, dict] | None = None,
         first_role: int = 0,
-        length_buckets: bool = False,
-        max_bad_fraction: float = 1.0,
-        bad_check_min_samples: int = BAD_CHECK_MIN_SAMPLES,
     ) -> None:
         self.sources = list(sources)
-        self.length_buckets = length_buckets
-        self.max_bad_fraction = max_bad_fraction
-        self.bad_check_min_samples = bad_check_min_samples
-        self.tokens_per_batch = tokens_per_batch
-        self.seed = seed
-        self.mode = mode
-        self.block_images = block_images
+        self.settings = settings
         self.rank = rank
         self.world_size = world_size
-        self.vocab = vocab
         self.states = dict(states or {})
         self.first_role = first_role
 
@@ -549,19 +560,12 @@ class PretrainData(IterableDataset):
         local = (worker + self.first_role) % workers
         stream = RoleStream(
             self.sources,
+            self.settings,
             role=self.rank * workers + local,
             num_roles=self.world_size * workers,
-            seed=self.seed,
-            mode=self.mode,
-            tokens_per_batch=self.tokens_per_batch,
-            block_images=self.block_images,
-            vocab=self.vocab,
             state=self.states.get(local),
             # In a worker, pack straight into shared memory: the hand-over then moves no bytes.
             pack_into="shared" if info else None,
-            length_buckets=self.length_buckets,
-            max_bad_fraction=self.max_bad_fraction,
-            bad_check_min_samples=self.bad_check_min_samples,
         )
         try:
             while True:
@@ -600,14 +604,20 @@ class Loader:
         state: dict | None = None,
         length_buckets: bool = False,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
+        settings = StreamSettings(
+            tokens_per_batch=tokens_per_batch,
+            seed=seed,
+            mode=mode,
+            block_images=block_images,
+            length_buckets=length_buckets,
+            max_bad_fraction=max_bad_fraction,
+            bad_check_min_samples=bad_check_min_samples,
+            vocab=vocab,
+        )
         if not sources:
             raise ValueError("Loader: no training sources")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if not 0 <= max_bad_fraction <= 1:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         sources = [s if isinstance(s, TrainSource) else TrainSource(*s) for s in sources]
         itm = [s.name for s in sources if "itm" in s.mix]
         if block_images < (2 if itm else 1):
@@ -620,8 +630,7 @@ class Loader:
                 )
             )
         self.num_roles = max(num_workers, 1)
-        self.max_bad_fraction = max_bad_fraction
-        self.bad_check_min_samples = bad_check_min_samples
+        self.settings = settings
         self.bad = BadSamples()
         self.identity = {
             "mode": mode,
@@ -656,18 +665,11 @@ class Loader:
         self._logged = 0
         dataset = PretrainData(
             sources,
-            tokens_per_batch=tokens_per_batch,
-            seed=seed,
-            mode=mode,
-            block_images=block_images,
+            settings,
             rank=rank,
             world_size=world_size,
-            vocab=vocab,
             states=states,
             first_role=first_role,
-            length_buckets=length_buckets,
-            max_bad_fraction=max_bad_fraction,
-            bad_check_min_samples=bad_check_min_samples,
         )
         if num_workers:
             self._loader = DataLoader(
@@ -696,7 +698,7 @@ class Loader:
                 log.warning("skipped bad sample: %s", message)
             if self._logged == _MESSAGES_LOGGED:
                 log.warning("(further bad samples are counted, not logged one by one)")
-        self.bad.check(self.max_bad_fraction, self.bad_check_min_samples)
+        self.bad.check(self.settings.max_bad_fraction, self.settings.bad_check_min_samples)
         batch = item.batch.pin_memory() if self._pin else item.batch
         return item.task, batch
 
@@ -781,6 +783,7 @@ __all__ = [
     "LoadedBatch",
     "PretrainData",
     "RoleStream",
+    "StreamSettings",
     "TrainSource",
     "iter_eval_batches",
     "pair_tokens",
