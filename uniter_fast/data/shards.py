@@ -867,6 +867,10 @@ def iter_shard(
     # sample decodes too, the damage cost no sample and is counted on its own.
     pending: str | None = None
     last_key = None
+    # The stream's last word when it ends without the end-of-archive blocks. A pipe whose
+    # command failed ends that way too, and then the failure (io) is the one thing to count,
+    # which is known only once the pipe is closed.
+    held: ShardFormatError | None = None
 
     def flush() -> None:
         nonlocal pending
@@ -880,7 +884,11 @@ def iter_shard(
                 flush()
                 if item.key is None:
                     where = "at the start" if last_key is None else f"after sample {last_key!r}"
-                    bad(ShardFormatError(name, None, None, "tar", f"{item.detail} ({where})"))
+                    err = ShardFormatError(name, None, None, "tar", f"{item.detail} ({where})")
+                    if item.fatal:
+                        held = err
+                    else:
+                        bad(err)
                 else:
                     bad(ShardFormatError(name, item.key, None, item.reason, item.detail))
                 continue
@@ -908,7 +916,8 @@ def iter_shard(
             last_key = item.key
             pending = item.damage_after
             yield (item.index, record) if positions else record
-        flush()
+        if pending is not None:
+            held = ShardFormatError(name, None, None, "tar", f"{pending} (after {last_key!r})")
         finished = True
     except OSError as e:
         # A pipe whose command fails, or a file that goes away mid-read.
@@ -922,3 +931,6 @@ def iter_shard(
             # complaint about a closed pipe is expected, not news.
             if finished:
                 bad(ShardFormatError(name, None, None, "io", f"{e}"))
+        else:
+            if finished and held is not None:
+                bad(held)
