@@ -151,3 +151,37 @@ def test_wra_weight_zero_drops_wra(rng):
     model = uf.UniterForPretraining(TINY, wra_weight=0.0).eval()
     out = model(uf.data.collate(random_examples(rng, [(6, 5), (9, 3)]), "itm"), "itm")
     assert "wra" not in out and torch.equal(out["loss"], out["itm"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_fused_kernels_give_the_reference_losses_and_gradients(task, rng):
+    # The model with every op forced onto its Triton kernel (interpreted on the CPU) against the
+    # same weights on the reference ops. fp32: the kernels compute in fp32.
+    pytest.importorskip("triton")
+    from uniter_fast.kernels import triton_runs_on
+
+    if not triton_runs_on("cpu") and not torch.cuda.is_available():
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = uf.UniterForPretraining(TINY).to(device).eval()
+    batch = uf.data.collate(random_examples(rng, ragged_sizes(rng, 3, 12, 9)), task).to(device)
+    results = {}
+    for kernels in ("reference", "triton"):
+        model.kernels = kernels
+        model.zero_grad()
+        out = model(batch, task)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[kernels] = (out, grads)
+    (ref, ref_grads), (fused, fused_grads) = results["reference"], results["triton"]
+    for key in ref:
+        if isinstance(ref[key], torch.Tensor):
+            torch.testing.assert_close(fused[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert fused_grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_kernels_switch_is_checked():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        uf.UniterForPretraining(TINY, kernels="fast")

@@ -288,6 +288,9 @@ class OptimConfig:
             raise ValueError("optim.weight_decay must be >= 0 and optim.eps > 0")
 
 
+KERNEL_BACKENDS = ("auto", "reference", "triton")
+
+
 @dataclass
 class RunConfig:
     """A training run. The defaults are the CPU quick start (tiny model, synthetic data).
@@ -296,7 +299,10 @@ class RunConfig:
     max_steps: optimizer steps; device: "auto" (CUDA when present), "cpu", "cuda", "cuda:N";
     precision: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (dynamic loss scaling), "fp32";
     wra_weight: the reference's itm_ot_lambda; log_every / save_every / val_every: in optimizer
-    steps (0 = only at the end); init_checkpoint: weights to start from (any supported layout).
+    steps (0 = only at the end); init_checkpoint: weights to start from (any supported layout);
+    kernels: "auto" (the fused Triton kernels on CUDA where they are the measured default per op,
+    the PyTorch reference ops elsewhere), "reference" (the fused paths off), or "triton" (forced;
+    on the CPU only under TRITON_INTERPRET=1, for debugging).
 
     The defaults of `optim` here are the quick start's (lr 1e-3, 40 warm-up steps); an `optim`
     section in a recipe starts from `OptimConfig`'s, which are the reference's (lr 5e-5, 10k).
@@ -313,6 +319,7 @@ class RunConfig:
     save_every: int = 0
     val_every: int = 0
     init_checkpoint: str | None = None
+    kernels: str = "auto"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=40)
@@ -336,6 +343,10 @@ class RunConfig:
             self.log_every = self.max_steps
         if self.wra_weight < 0:
             raise ValueError(f"wra_weight must be non-negative, got {self.wra_weight}")
+        if self.kernels not in KERNEL_BACKENDS:
+            raise ValueError(
+                f"kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernels!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..config import UniterConfig
+from ..config import KERNEL_BACKENDS, UniterConfig
 from ..data.schema import IMG_DIM, IMG_LABEL_DIM, MRM_TASKS, Batch, check_task
 from .attention import AttentionLayout
 from .embeddings import ImageEmbeddings, TextEmbeddings
@@ -65,6 +65,8 @@ class UniterForPretraining(nn.Module):
     config: the architecture; img_dim: region feature width; img_label_dim: detector classes
     (background included). wra_weight: weight of the WRA loss on ITM batches (the reference's
     `itm_ot_lambda`; 0 switches WRA off); wra_beta, wra_iterations: IPOT settings.
+    kernels: the `backend` of the loss ops: "auto" (fused Triton kernels on CUDA where they are
+    the default, the PyTorch references elsewhere), "reference" (fused paths off) or "triton".
     """
 
     def __init__(
@@ -76,10 +78,14 @@ class UniterForPretraining(nn.Module):
         wra_weight: float = 0.1,
         wra_beta: float = 0.5,
         wra_iterations: int = 50,
+        kernels: str = "auto",
     ):
         super().__init__()
         if wra_weight < 0:
             raise ValueError(f"wra_weight must be non-negative, got {wra_weight}")
+        if kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {kernels!r}")
+        self.kernels = kernels
         self.config = config
         self.img_dim = img_dim
         self.img_label_dim = img_label_dim
@@ -135,7 +141,9 @@ class UniterForPretraining(nn.Module):
     def _mlm(self, hidden: torch.Tensor, batch: Batch, metrics: bool) -> dict:
         head = self.cls.predictions
         x = head.transform(ops.gather_rows(hidden, batch.mlm_index))
-        loss = ops.mlm_loss(x, head.decoder.weight, head.bias, batch.mlm_labels)
+        loss = ops.mlm_loss(
+            x, head.decoder.weight, head.bias, batch.mlm_labels, backend=self.kernels
+        )
         out = {"loss": loss, "mlm": loss}
         if metrics:
             logits = head.decoder(x) + head.bias
@@ -145,15 +153,21 @@ class UniterForPretraining(nn.Module):
 
     def _mrfr(self, hidden: torch.Tensor, batch: Batch) -> dict:
         x = self.feat_regress.net(ops.gather_rows(hidden, batch.mrm_index))
-        loss = ops.mrfr_loss(x, self.feat_regress.weight, self.feat_regress.bias, batch.mrfr_target)
+        loss = ops.mrfr_loss(
+            x,
+            self.feat_regress.weight,
+            self.feat_regress.bias,
+            batch.mrfr_target,
+            backend=self.kernels,
+        )
         return {"loss": loss, "mrfr": loss}
 
     def _mrc(self, hidden: torch.Tensor, batch: Batch, task: str, metrics: bool) -> dict:
         logits = self.region_classifier(ops.gather_rows(hidden, batch.mrm_index))
         if task == "mrc":
-            loss = ops.mrc_loss(logits, batch.mrc_label)
+            loss = ops.mrc_loss(logits, batch.mrc_label, backend=self.kernels)
         else:
-            loss = ops.mrckl_loss(logits, batch.mrc_soft_target)
+            loss = ops.mrckl_loss(logits, batch.mrc_soft_target, backend=self.kernels)
         out = {"loss": loss, task: loss}
         if metrics:
             out["mrc_acc"] = _accuracy(logits, batch.mrc_label)
@@ -175,6 +189,7 @@ class UniterForPretraining(nn.Module):
                 batch.max_img_len,
                 beta=self.wra_beta,
                 iterations=self.wra_iterations,
+                backend=self.kernels,
             )
             out.update(ops.wra_loss(distance, batch.itm_target))
             out["loss"] = itm + self.wra_weight * out["wra"]

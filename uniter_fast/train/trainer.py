@@ -28,6 +28,7 @@ from ..convert import load_pretrained, save_reference
 from ..data.pipeline import Loader, TrainSource, iter_eval_batches
 from ..data.shards import list_shards
 from ..model import UniterForPretraining
+from ..ops import describe_kernels
 from .checkpoint import complete_checkpoints, save_checkpoint
 from .engine import Engine
 from .logging import MetricsWriter, Progress, environment_info, setup_logging
@@ -186,7 +187,7 @@ def train(run: Run) -> dict:
     if run.synthetic:
         _write_synthetic(run)
 
-    model = UniterForPretraining(run.model_config, wra_weight=cfg.wra_weight)
+    model = UniterForPretraining(run.model_config, wra_weight=cfg.wra_weight, kernels=cfg.kernels)
     if cfg.init_checkpoint:
         load_pretrained(model, cfg.init_checkpoint, verbose=False)
     model.to(run.device).train()
@@ -195,6 +196,7 @@ def train(run: Run) -> dict:
         model, cfg.optim, total_steps=cfg.max_steps, device=run.device, precision=cfg.precision
     )
     log.info("model: %s parameters, %s precision", f"{n_params:,}", engine.precision)
+    log.info("loss kernels: %s", describe_kernels(cfg.kernels, run.device))
     batches = Loader(
         run.sources,
         tokens_per_batch=cfg.data.tokens_per_batch,
