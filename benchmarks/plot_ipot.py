@@ -10,23 +10,13 @@ fixed lengths). Needs matplotlib, which is not a project dependency (`pip instal
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
+from plotting import plot_main
+
 COLORS = {"triton": "#1f77b4", "reference": "#2ca02c", "authors": "#ff7f0e", "floor": "#7f7f7f"}
 KINDS = (("forward", "forward"), ("forward_backward", "forward + backward"))
-
-
-def load(path: Path) -> dict:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a result JSON ({e})") from None
-    if result.get("benchmark") != "ipot" or not result.get("cases"):
-        raise ValueError(f"{path}: not an ipot result with cases")
-    return result
 
 
 def title(result: dict) -> str:
@@ -73,31 +63,7 @@ def plot(result: dict, out: Path, plt) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="+", type=Path, help="result JSON files")
-    args = p.parse_args(argv)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "plot_ipot: matplotlib is not installed (it is not a project dependency); "
-            "pip install matplotlib",
-            file=sys.stderr,
-        )
-        return 1
-    for path in args.results:
-        try:
-            result = load(path)
-            out = path.with_suffix(".png")
-            plot(result, out, plt)
-        except ValueError as e:
-            print(f"plot_ipot: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote {out}")
-    return 0
+    return plot_main("plot_ipot", __doc__, "ipot", "cases", plot, argv)
 
 
 if __name__ == "__main__":

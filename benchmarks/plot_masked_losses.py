@@ -12,25 +12,15 @@ is not a project dependency (`pip install matplotlib`).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
+
+from plotting import plot_main
 
 PROVIDERS = ("triton", "reference", "authors")
 COLORS = {"triton": "#2ca02c", "reference": "#1f77b4", "authors": "#ff7f0e", "gemm": "#7f7f7f"}
 DASHES = ("-", "--", "-.", ":")
 KINDS = (("forward", "forward"), ("forward_backward", "forward + backward"))
-
-
-def load(path: Path) -> dict:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a result JSON ({e})") from None
-    if result.get("benchmark") != "masked_losses" or not result.get("losses"):
-        raise ValueError(f"{path}: not a masked_losses result with losses")
-    return result
 
 
 def title(result: dict) -> str:
@@ -99,31 +89,7 @@ def plot(result: dict, out: Path, plt) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="+", type=Path, help="result JSON files")
-    args = p.parse_args(argv)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "plot_masked_losses: matplotlib is not installed (it is not a project dependency); "
-            "pip install matplotlib",
-            file=sys.stderr,
-        )
-        return 1
-    for path in args.results:
-        try:
-            result = load(path)
-        except ValueError as e:
-            print(e, file=sys.stderr)
-            return 1
-        out = path.with_suffix(".png")
-        plot(result, out, plt)
-        print(f"wrote {out}")
-    return 0
+    return plot_main("plot_masked_losses", __doc__, "masked_losses", "losses", plot, argv)
 
 
 if __name__ == "__main__":

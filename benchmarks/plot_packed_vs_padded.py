@@ -9,24 +9,14 @@ pair. Needs matplotlib, which is not a project dependency (`pip install matplotl
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
+
+from plotting import plot_main
 
 PROVIDERS = ("packed", "authors")
 COLORS = {"packed": "#1f77b4", "authors": "#ff7f0e"}
 KINDS = (("forward", "forward"), ("forward_backward", "forward + backward"))
-
-
-def load(path: Path) -> dict:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a result JSON ({e})") from None
-    if result.get("benchmark") != "packed_vs_padded" or not result.get("tasks"):
-        raise ValueError(f"{path}: not a packed_vs_padded result with tasks")
-    return result
 
 
 def title(result: dict) -> str:
@@ -75,27 +65,7 @@ def plot(result: dict, out: Path, plt) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="+", type=Path, help="result JSON files")
-    args = p.parse_args(argv)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plot_packed_vs_padded: matplotlib is not installed; pip install matplotlib")
-        return 1
-    for path in args.results:
-        try:
-            result = load(path)
-        except ValueError as e:
-            print(e, file=sys.stderr)
-            return 1
-        out = path.with_suffix(".png")
-        plot(result, out, plt)
-        print(f"wrote {out}")
-    return 0
+    return plot_main("plot_packed_vs_padded", __doc__, "packed_vs_padded", "tasks", plot, argv)
 
 
 if __name__ == "__main__":
