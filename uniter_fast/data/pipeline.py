@@ -25,6 +25,12 @@ taken. Resuming re-reads that one block (not the whole epoch) and skips the batc
 other random choice (task, masking, negatives) comes from generators seeded by counters in the
 state, so nothing else needs saving.
 
+The task of the k-th batch is the same on every rank: the task mixer of worker w is seeded by w,
+not by the rank. Ranks must run the same heads in the same order, because ZeRO's gradient
+reduction and ZeRO-3's parameter gathering are collectives over the parameters a step touches (a
+different task per rank is a collective mismatch, seen as a hang or a gloo size error). The data,
+masks and negatives still differ per rank.
+
 Bad samples (see `shards.REASONS`) are skipped and counted by reason and shard; the counts travel
 with the batches to the main process, which logs them and stops the run, naming the worst
 shards, once the bad fraction passes `max_bad_fraction`.
@@ -448,9 +454,12 @@ class RoleStream:
         *,
         role: int,
         num_roles: int,
+        task_stream: int | None = None,
         state: dict | None = None,
         pack_into: str | None = None,
     ) -> None:
+        """task_stream: seeds the task mixer (default: the role); roles with equal task streams
+        draw the same task sequence (the loader gives worker w of every rank task stream w)."""
         state = state or {}
         seed = settings.seed
         self.role = role
@@ -458,7 +467,8 @@ class RoleStream:
         self.vocab = settings.vocab
         self.pack_into = pack_into
         self.bad = BadSamples(limit=(settings.max_bad_fraction, settings.bad_check_min_samples))
-        mixer_seed = int(_seed(seed, role, 0x313).integers(2**62))
+        task_stream = role if task_stream is None else task_stream
+        mixer_seed = int(_seed(seed, task_stream, 0x313).integers(2**62))
         self.mixer = TaskMixer(
             [(s.name, task, ratio) for s in sources for task, ratio in s.mix.items()],
             seed=mixer_seed,
@@ -563,6 +573,7 @@ class PretrainData(IterableDataset):
             self.settings,
             role=self.rank * workers + local,
             num_roles=self.world_size * workers,
+            task_stream=local,
             state=self.states.get(local),
             # In a worker, pack straight into shared memory: the hand-over then moves no bytes.
             pack_into="shared" if info else None,
