@@ -14,7 +14,7 @@ from torch import nn
 from .. import ops
 from ..config import KERNEL_BACKENDS, UniterConfig
 from ..data.schema import IMG_DIM, IMG_LABEL_DIM, MRM_TASKS, Batch, check_task
-from .attention import AttentionLayout
+from .attention import AttentionChoice, AttentionLayout
 from .embeddings import ImageEmbeddings, TextEmbeddings
 from .encoder import Encoder, Pooler
 from .heads import MLMHead, RegionClassification, RegionFeatureRegression
@@ -30,15 +30,43 @@ _TASK_FIELDS = {
 
 
 class UniterModel(nn.Module):
-    """Embeddings, encoder and pooler. `forward(batch)` -> packed hidden states (N, hidden)."""
+    """Embeddings, encoder and pooler. `forward(batch)` -> packed hidden states (N, hidden).
 
-    def __init__(self, config: UniterConfig, img_dim: int = IMG_DIM):
+    attention, varlen_dropout: the attention backend request (`uniter_fast.model.attention`),
+    resolved for the device the model is on; `set_attention` resolves again, and
+    `attention_choice` says what runs.
+    """
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        *,
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
+    ):
         super().__init__()
         self.config = config
         self.embeddings = TextEmbeddings(config)
         self.img_embeddings = ImageEmbeddings(config, img_dim)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, attention=attention, varlen_dropout=varlen_dropout)
         self.pooler = Pooler(config)
+
+    @property
+    def attention_choice(self) -> AttentionChoice | None:
+        """The backend attention runs on; None while the request cannot run where the model is."""
+        return self.encoder.attention_choice
+
+    def set_attention(
+        self,
+        requested: str | None = None,
+        device: torch.device | str | None = None,
+        varlen_dropout: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> AttentionChoice:
+        """Resolve the attention backend for `device` (see `Encoder.set_attention`)."""
+        return self.encoder.set_attention(requested, device, varlen_dropout, dtype=dtype)
 
     def embed(self, batch: Batch, *, mask_regions: bool) -> torch.Tensor:
         """Text and region embeddings placed at their packed rows: (N, hidden)."""
@@ -67,6 +95,11 @@ class UniterForPretraining(nn.Module):
     `itm_ot_lambda`; 0 switches WRA off); wra_beta, wra_iterations: IPOT settings.
     kernels: the `backend` of the loss ops: "auto" (fused Triton kernels on CUDA where they are
     the default, the PyTorch references elsewhere), "reference" (fused paths off) or "triton".
+    attention: the attention backend, one of `ATTENTION_BACKENDS` ("auto": flash-attn, else torch
+    varlen on CUDA, else padded SDPA); varlen_dropout: "keep" or "drop", what torch varlen does
+    about the recipe's attention dropout in training. Resolved for the device the model is on, at
+    construction and again when `.to()` moves it; after moving the model the trainer calls
+    `set_attention(...)` with the autocast dtype and logs `attention_choice.describe()`.
     """
 
     def __init__(
@@ -79,6 +112,8 @@ class UniterForPretraining(nn.Module):
         wra_beta: float = 0.5,
         wra_iterations: int = 50,
         kernels: str = "auto",
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
     ):
         super().__init__()
         if wra_weight < 0:
@@ -92,7 +127,9 @@ class UniterForPretraining(nn.Module):
         self.wra_weight = wra_weight
         self.wra_beta = wra_beta
         self.wra_iterations = wra_iterations
-        self.uniter = UniterModel(config, img_dim)
+        self.uniter = UniterModel(
+            config, img_dim, attention=attention, varlen_dropout=varlen_dropout
+        )
         self.cls = MLMHead(config, self.uniter.embeddings.word_embeddings.weight)
         self.feat_regress = RegionFeatureRegression(
             config, img_dim, self.uniter.img_embeddings.img_linear.weight
@@ -102,6 +139,27 @@ class UniterForPretraining(nn.Module):
         self.apply(self._init_weights)
         with torch.no_grad():
             self.uniter.img_embeddings.mask_embedding.weight[0].zero_()
+
+    @property
+    def attention_choice(self) -> AttentionChoice | None:
+        """The backend attention runs on; None while the request cannot run where the model is."""
+        return self.uniter.attention_choice
+
+    def set_attention(
+        self,
+        requested: str | None = None,
+        device: torch.device | str | None = None,
+        varlen_dropout: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> AttentionChoice:
+        """Resolve the attention backend now, for `device` (None: where the parameters are).
+
+        requested / varlen_dropout: None keeps the current request; dtype: the dtype attention
+        runs in (the autocast dtype), None when not known. Returns the choice for the log;
+        raises ValueError where the request cannot run.
+        """
+        return self.uniter.set_attention(requested, device, varlen_dropout, dtype=dtype)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The reference's scheme: N(0, initializer_range) for linear and embedding weights, zero
