@@ -5,9 +5,15 @@
     python train.py --data 'shards/coco-{000000..000099}.tar' \
         --model-config configs/model/uniter-base.json --init-checkpoint bert-base-cased.pt
 
+Many ranks, one node or several (a hostfile), through the DeepSpeed launcher:
+
+    deepspeed --num_gpus 8 train.py --config configs/pretrain/uniter-base.yaml --output-dir runs/b
+    deepspeed --hostfile hosts train.py --config configs/pretrain/uniter-large.yaml --output-dir ...
+
 Flags override the recipe given with --config (a YAML file; the defaults are
 `uniter_fast.config.RunConfig`).
-Logs, checkpoints and the summary go to --output-dir (default runs/<date-time>).
+Logs, checkpoints and the summary go to --output-dir (default runs/<date-time>). A run pointed at
+a folder that already holds checkpoints resumes from the newest complete one (--no-resume refuses).
 """
 
 from __future__ import annotations
@@ -48,15 +54,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument(
+        "--deepspeed-config",
+        metavar="PATH",
+        help="DeepSpeed JSON, e.g. configs/deepspeed/zero2.json (default: ZeRO-1)",
+    )
+    p.add_argument(
+        "--precision", choices=["auto", "bf16", "fp16", "fp32"], help="overrides the JSON's"
+    )
+    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")
+    p.add_argument("--val-every", type=int, metavar="N", help="validate every N steps")
+    p.add_argument("--log-every", type=int, metavar="N", help="log every N steps")
+    p.add_argument(
+        "--data-mode",
+        choices=["exact", "resampled"],
+        help="exact: each sample once per epoch, resumable to the batch; resampled: with "
+        "replacement",
+    )
+    p.add_argument("--tokens-per-batch", type=int, metavar="N", help="real tokens per micro-batch")
+    p.add_argument("--num-workers", type=int, metavar="N", help="data workers per rank")
+    p.add_argument(
+        "--attention", choices=["auto", "flash", "varlen", "sdpa", "eager"], help="backend"
+    )
+    p.add_argument("--kernels", choices=["auto", "reference", "triton"], help="loss kernels")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="refuse an output folder that already holds checkpoints instead of resuming",
+    )
+    # The deepspeed launcher passes --local_rank=N (also in the environment, which is what we read)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
     values = cfg.to_dict()
-    for name in ("output_dir", "max_steps", "model_config", "init_checkpoint", "device", "seed"):
+    names = (
+        "output_dir",
+        "max_steps",
+        "model_config",
+        "init_checkpoint",
+        "device",
+        "seed",
+        "deepspeed_config",
+        "precision",
+        "save_every",
+        "val_every",
+        "log_every",
+        "attention",
+        "kernels",
+    )
+    for name in names:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if args.no_resume:
+        values["resume"] = False
+    for flag, key in (
+        ("data_mode", "mode"),
+        ("tokens_per_batch", "tokens_per_batch"),
+        ("num_workers", "num_workers"),
+    ):
+        if getattr(args, flag) is not None:
+            values["data"][key] = getattr(args, flag)
     if args.data:
         values["data"]["train"] = [DatasetConfig("data", list(args.data)).__dict__]
     if args.val_data:
@@ -71,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    train(run)
+    try:
+        train(run)
+    except FloatingPointError as e:  # a diverged run: the step and task say where, no traceback
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -85,6 +85,32 @@ def test_quick_start_yaml_is_the_embedded_default():
     assert RunConfig.from_file("configs/pretrain/tiny-cpu.yaml") == RunConfig()
 
 
+@pytest.mark.parametrize(
+    "size, tokens, accum, steps", [("base", 10240, 6, 200_000), ("large", 6144, 4, 500_000)]
+)
+def test_pretrain_recipes_are_the_references(size, tokens, accum, steps):
+    cfg = RunConfig.from_file(f"configs/pretrain/uniter-{size}.yaml")
+    assert cfg.model_config == f"configs/model/uniter-{size}.json"
+    assert (cfg.data.tokens_per_batch, cfg.optim.grad_accum, cfg.max_steps) == (
+        tokens,
+        accum,
+        steps,
+    )
+    o = cfg.optim
+    assert (o.lr, o.betas, o.weight_decay, o.warmup_steps, o.grad_clip) == (
+        5e-5,
+        (0.9, 0.98),
+        0.01,
+        10_000,
+        5.0,
+    )
+    mixes = {d.name: d.mix for d in cfg.data.train}
+    assert mixes["coco"] == mixes["sbu"] == {"itm": 6, "mlm": 8, "mrfr": 4, "mrckl": 4}
+    assert mixes["vg"] == mixes["cc"] == {"itm": 9, "mlm": 12, "mrfr": 6, "mrckl": 6}
+    assert all(s.startswith("???") for d in cfg.data.train for s in d.shards)  # yours to set
+    assert cfg.deepspeed_config == "configs/deepspeed/zero2.json"
+
+
 def test_run_config_validation(tmp_path):
     with pytest.raises(ValueError, match="optim.lrr"):
         RunConfig.from_dict({"optim": {"lrr": 1.0}})

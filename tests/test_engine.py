@@ -1,14 +1,26 @@
-"""The optimisation engine: the reference's schedule, decay groups, summed accumulation, clip."""
+"""The optimisation engine: the reference's schedule, decay groups, summed accumulation, clip,
+and the DeepSpeed config it completes from the recipe."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from conftest import TINY, random_examples
 
 import uniter_fast as uf
+from uniter_fast.config import REPO_ROOT as REPO
 from uniter_fast.config import OptimConfig
-from uniter_fast.train.engine import Engine, param_groups
+from uniter_fast.train.engine import (
+    Engine,
+    Schedule,
+    build_deepspeed_config,
+    config_precision,
+    init_distributed,
+    load_deepspeed_config,
+    param_groups,
+)
 from uniter_fast.train.schedule import MIN_LR, learning_rate, warmup_linear
 
 
@@ -52,33 +64,104 @@ def test_accumulated_gradients_are_summed(rng):
             torch.testing.assert_close(summed[n], p.grad, msg=n)
 
 
-def test_step_clips_sets_lr_and_clears_grads(rng):
-    model = uf.UniterForPretraining(TINY)
-    engine = Engine(
-        model,
-        OptimConfig(lr=1e-3, warmup_steps=10, grad_clip=0.5),
-        total_steps=100,
-        device=torch.device("cpu"),
-    )
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = uf.data.collate(random_examples(rng, [(6, 5)]), "mlm")
-    engine.backward(model(batch, "mlm")["loss"] * 1000)
-    total = torch.nn.utils.get_total_norm(
-        [p.grad for p in model.parameters() if p.grad is not None]
-    )
-    out = engine.step(5)
-    assert out["lr"] == pytest.approx(5e-4)
-    assert float(out["grad_norm"]) == pytest.approx(float(total), rel=1e-5) and float(total) > 0.5
-    assert all(p.grad is None for p in model.parameters())
-    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+def _ds(values=None, **kw):
+    args = {"optim": OptimConfig(grad_accum=3, grad_clip=2.0), "precision": "auto"}
+    args.update(kw)
+    args.setdefault("device", torch.device("cpu"))
+    return build_deepspeed_config(values or {"zero_optimization": {"stage": 2}}, **args)
+
+
+def test_deepspeed_config_is_completed_from_the_recipe():
+    cfg, notes = _ds()
+    assert cfg["gradient_accumulation_steps"] == 3 and cfg["gradient_clipping"] == 2.0
+    assert cfg["train_micro_batch_size_per_gpu"] == 1 and not notes
+    assert config_precision(cfg) == "fp32"  # auto on the CPU with no precision in the JSON
+    cuda, _ = _ds(device=torch.device("cuda"))
+    assert config_precision(cuda) == "bf16"
+    # The JSON's own values win, and the log says so.
+    cfg, notes = _ds({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 6})
+    assert cfg["gradient_accumulation_steps"] == 6 and "optim.grad_accum 3 is not used" in notes[0]
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_shipped_configs(name):
+    path = REPO / "configs" / "deepspeed" / f"{name}.json"
+    cfg, _ = _ds(load_deepspeed_config(path), device=torch.device("cuda"))
+    assert cfg["zero_optimization"]["stage"] == int(name[-1])
+    assert config_precision(cfg) == "bf16"  # bf16 is the default
+    fp16, notes = _ds(load_deepspeed_config(path), precision="fp16", device=torch.device("cuda"))
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic scaling
+    assert not fp16["bf16"]["enabled"] and "precision fp16" in notes[0]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+        ({"scheduler": {}}, "remove the 'scheduler' section"),
+        ({"train_micro_batch_size_per_gpu": 4}, "must be 1"),
+        ({"train_batch_size": 64}, "remove train_batch_size"),
+        ({"zero_optimization": {"stage": 0}}, "stage must be 1, 2 or 3"),
+    ],
+)
+def test_deepspeed_config_errors(values, message):
+    with pytest.raises(ValueError, match=message):
+        _ds(values)
 
 
 def test_fp16_needs_cuda():
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        Engine(
-            uf.UniterForPretraining(TINY),
-            OptimConfig(),
-            total_steps=1,
-            device=torch.device("cpu"),
-            precision="fp16",
-        )
+        _ds(precision="fp16")
+
+
+def test_bad_deepspeed_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="not found: .*nope.json"):
+        load_deepspeed_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{stage: 2")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        load_deepspeed_config(bad)
+
+
+def test_schedule_factor_gives_the_lr_of_the_next_step():
+    schedule = Schedule(OptimConfig(lr=1e-3, warmup_steps=10), total_steps=100)
+    for done in (0, 4, 9, 50, 99):
+        assert schedule(done) * 1e-3 == pytest.approx(learning_rate(done + 1, 1e-3, 10, 100))
+
+
+def test_engine_step_sums_micro_batches_clips_and_schedules(rng):
+    """One DeepSpeed step over two micro-batches equals AdamW on the summed, clipped gradient."""
+    init_distributed(torch.device("cpu"))
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, grad_clip=0.5, grad_accum=2)
+    torch.manual_seed(0)
+    model = uf.UniterForPretraining(TINY)
+    twin = copy.deepcopy(model)
+    cfg, _ = build_deepspeed_config(
+        {"zero_optimization": {"stage": 1}},
+        optim=optim,
+        precision="fp32",
+        device=torch.device("cpu"),
+    )
+    engine = Engine(model, optim, total_steps=100, deepspeed_config=cfg, device=torch.device("cpu"))
+    assert engine.grad_accum == 2 and engine.micro_batch == 1 and engine.zero_stage == 1
+    batches = [
+        uf.data.collate(random_examples(rng, [(6, 5), (8, 3)]), "mlm"),
+        uf.data.collate(random_examples(rng, [(5, 7)]), "mlm"),
+    ]
+    results = []
+    for batch in batches:
+        engine.backward(engine(batch, "mlm")["loss"] * 1000)
+        results.append(engine.step(1))
+    assert results[0] is None and results[1].applied
+    assert results[1].lr == pytest.approx(learning_rate(1, 1e-3, 10, 100))
+
+    # The same step by hand: summed gradients, clipped to 0.5, torch AdamW.
+    opt = torch.optim.AdamW(
+        param_groups(twin, optim.weight_decay), lr=results[1].lr, betas=optim.betas, eps=optim.eps
+    )
+    sum(twin(b, "mlm")["loss"] * 1000 for b in batches).backward()
+    norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    assert float(results[1].grad_norm) == pytest.approx(float(norm), rel=1e-4) and norm > 0.5
+    opt.step()
+    for (name, a), b in zip(engine.module.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

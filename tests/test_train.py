@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import uniter_fast as uf
+from uniter_fast.train.engine import fp32_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,23 +73,25 @@ def test_checkpoints_and_exports(small_run):
     assert (ckpts / "latest").read_text().strip() == "step-000012"
     for step in ("step-000008", "step-000012"):
         assert (ckpts / step / "COMPLETE").is_file()
-        assert {p.name for p in (ckpts / step).iterdir()} == {
-            "COMPLETE",
-            "model.pt",
-            "optimizer.pt",
-            "state.json",
-        }
+        names = {p.name for p in (ckpts / step).iterdir()}
+        assert {"COMPLETE", "engine", "rank-00000.pt", "state.json"} <= names
     assert not list(ckpts.glob(".*tmp*"))
     state = json.loads((ckpts / "step-000012" / "state.json").read_text())
     assert state["step"] == 12 and state["config"]["max_steps"] == 12
-    # Both saved forms load into a fresh model and agree.
+    assert state["world_size"] == 1 and state["zero_stage"] == 1
+    # The fp32 master weights and the reference-layout export load into fresh models and agree.
     config = uf.UniterConfig.from_json(REPO / "configs/model/uniter-tiny.json")
     a, b = uf.UniterForPretraining(config), uf.UniterForPretraining(config)
-    assert not uf.load_pretrained(a, ckpts / "step-000012" / "model.pt", verbose=False).missing
+    a.load_state_dict(fp32_state_dict(ckpts / "step-000012"))
     report = uf.load_pretrained(b, out / "model_reference.pt", verbose=False)
     assert report.layout == "reference" and not report.missing and not report.unexpected
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
+    # Tied weights are written under both reference names.
+    ref = torch.load(out / "model_reference.pt", weights_only=True)
+    assert torch.equal(
+        ref["cls.predictions.decoder.weight"], ref["uniter.embeddings.word_embeddings.weight"]
+    )
 
 
 def test_logs_and_summary(small_run):
@@ -112,6 +115,12 @@ def test_logs_and_summary(small_run):
         (["--init-checkpoint", "missing.pt"], "init checkpoint not found: missing.pt"),
         (["--data", "/nonexistent/shard-{000..003}.tar"], "nonexistent"),
         (["--device", "tpu"], "device must be"),
+        (["--deepspeed-config", "missing.json"], "deepspeed config not found: missing.json"),
+        (["--data-mode", "sequential"], "invalid choice: 'sequential'"),
+        (
+            ["--config", "configs/pretrain/uniter-base.yaml"],
+            "the recipe leaves these data paths for you to set: data.train[coco].shards",
+        ),
     ],
 )
 def test_user_errors_are_one_line(args, message, tmp_path):
@@ -122,10 +131,20 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     assert lines[0].startswith("train.py: error:") and message in lines[0], lines[0]
 
 
-def test_refuses_to_overwrite_a_finished_run(small_run):
+def test_no_resume_refuses_a_folder_with_checkpoints(small_run):
     out, _ = small_run
-    proc = _train("--output-dir", str(out), timeout=120)
+    proc = _train("--output-dir", str(out), "--no-resume", timeout=120)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+
+
+def test_a_finished_run_resumes_to_its_end(small_run):
+    """Pointed at a folder with checkpoints, train.py resumes; at max_steps nothing is left."""
+    out, _ = small_run
+    proc = _train("--output-dir", str(out), "--config", str(out / "config.yaml"), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step-000012 at step 12" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 12 and summary["steps"] == 12
 
 
 @pytest.mark.slow

@@ -289,6 +289,8 @@ class OptimConfig:
 
 
 KERNEL_BACKENDS = ("auto", "reference", "triton")
+# The names of uniter_fast.model.attention.ATTENTION_BACKENDS (kept here: config imports no torch)
+ATTENTION_BACKENDS = ("auto", "flash", "varlen", "sdpa", "eager")
 
 
 @dataclass
@@ -297,9 +299,19 @@ class RunConfig:
 
     model_config: JSON path (reference keys); output_dir: run folder (default: runs/<time>);
     max_steps: optimizer steps; device: "auto" (CUDA when present), "cpu", "cuda", "cuda:N";
-    precision: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (dynamic loss scaling), "fp32";
+    deepspeed_config: DeepSpeed JSON (ZeRO stage, buckets, precision; see configs/deepspeed/);
+    None: ZeRO-1 over the ranks there are (one, without a launcher);
+    precision: "auto" (the DeepSpeed JSON's choice; when it names none, bf16 on CUDA and fp32 on
+    the CPU), "bf16", "fp16" (dynamic loss scaling) or "fp32" (these override the JSON);
     wra_weight: the reference's itm_ot_lambda; log_every / save_every / val_every: in optimizer
-    steps (0 = only at the end); init_checkpoint: weights to start from (any supported layout);
+    steps (0 = only at the end); keep_checkpoints: complete checkpoints kept (0: all);
+    resume: a run whose output folder holds checkpoints resumes from the newest complete one
+    (False: such a folder is refused); init_checkpoint: weights to start from (any layout);
+    attention: "auto" (flash-attn's varlen kernel when installed on CUDA, else PyTorch's varlen
+    attention on CUDA, else SDPA on a padded view), "flash", "varlen", "sdpa" or "eager";
+    varlen_dropout: PyTorch's varlen attention has no attention dropout: "keep" (the recipe's
+    dropout is kept: training forwards take SDPA, evaluation takes varlen) or "drop" (varlen in
+    training too, without attention dropout: a change from the recipe, logged as one);
     kernels: "auto" (the fused Triton kernels on CUDA where they are the measured default per op,
     the PyTorch reference ops elsewhere), "reference" (the fused paths off), or "triton" (forced;
     on the CPU only under TRITON_INTERPRET=1, for debugging).
@@ -318,8 +330,13 @@ class RunConfig:
     log_every: int = 10
     save_every: int = 0
     val_every: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = True
     init_checkpoint: str | None = None
+    deepspeed_config: str | None = None
     kernels: str = "auto"
+    attention: str = "auto"
+    varlen_dropout: str = "keep"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=40)
@@ -343,6 +360,14 @@ class RunConfig:
             self.log_every = self.max_steps
         if self.wra_weight < 0:
             raise ValueError(f"wra_weight must be non-negative, got {self.wra_weight}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"
+            )
+        if self.varlen_dropout not in ("keep", "drop"):
+            raise ValueError(f"varlen_dropout must be keep or drop, got {self.varlen_dropout!r}")
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(
                 f"kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernels!r}"

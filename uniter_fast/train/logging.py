@@ -16,21 +16,29 @@ import torch
 log = logging.getLogger("uniter_fast")
 
 
-def setup_logging(output_dir: Path) -> None:
-    """INFO and above to the console and to `output_dir/train.log`."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+def setup_logging(output_dir: Path, *, rank: int = 0) -> None:
+    """Rank 0: INFO and above to the console and to `output_dir/train.log`. Other ranks: their
+    warnings and errors to the console, prefixed with the rank (the launcher merges the streams).
+    """
     root = logging.getLogger("uniter_fast")
-    root.setLevel(logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    file_handler = logging.FileHandler(output_dir / "train.log")
-    file_handler.setFormatter(fmt)
+    root.propagate = False
+    if rank == 0:
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        root.setLevel(logging.INFO)
+        file_handler = logging.FileHandler(output_dir / "train.log")
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+    else:
+        fmt = logging.Formatter(
+            f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s", "%H:%M:%S"
+        )
+        root.setLevel(logging.WARNING)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
-    root.addHandler(file_handler)
     root.addHandler(console)
-    root.propagate = False
 
 
 def environment_info(device: torch.device) -> dict:
@@ -61,12 +69,14 @@ def environment_info(device: torch.device) -> dict:
 class MetricsWriter:
     """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, *, purge_step: int | None = None):
+        """purge_step: a resumed run's first step; TensorBoard drops the events at and after it
+        that the interrupted run wrote."""
         self.path = output_dir / "metrics.jsonl"
         self._file = self.path.open("a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+        self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict, *, prefix: str = "train") -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -84,25 +94,36 @@ class MetricsWriter:
 
 
 class Progress:
-    """A tqdm bar on a terminal (step, loss per task, tokens/s, ETA); log lines elsewhere."""
+    """Rank 0's display: a tqdm bar on a terminal (step, loss per task, tokens/s, samples/s, ETA),
+    log lines elsewhere. Other ranks pass enabled=False and show nothing."""
 
-    def __init__(self, total: int, *, initial: int = 0):
+    def __init__(self, total: int, *, initial: int = 0, enabled: bool = True):
         self.total = total
         self.start = time.perf_counter()
         self.initial = initial
+        self.enabled = enabled
         self.bar = None
-        if sys.stderr.isatty():
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(
-        self, step: int, losses: dict[str, float], tokens_per_s: float, *, log_line: bool
+        self,
+        step: int,
+        losses: dict[str, float],
+        tokens_per_s: float,
+        samples_per_s: float = 0.0,
+        *,
+        log_line: bool,
     ) -> None:
         """Advance to `step`; on a terminal refresh the bar, elsewhere log a line if `log_line`."""
+        if not self.enabled:
+            return
         parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(losses.items()) if math.isfinite(v))
+        rates = f"tok/s={tokens_per_s:,.0f} samples/s={samples_per_s:,.1f}"
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{parts} tok/s={tokens_per_s:,.0f}", refresh=False)
+            self.bar.set_postfix_str(f"{parts} {rates}", refresh=False)
             self.bar.update(step - self.bar.n)
             return
         if not log_line:
@@ -110,7 +131,7 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         done = step - self.initial
         eta = elapsed / done * (self.total - step) if done else float("nan")
-        log.info("step %d/%d %s tok/s=%.0f eta=%.0fs", step, self.total, parts, tokens_per_s, eta)
+        log.info("step %d/%d %s %s eta=%.0fs", step, self.total, parts, rates, eta)
 
     def close(self) -> None:
         if self.bar is not None:

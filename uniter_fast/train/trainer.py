@@ -2,40 +2,68 @@
 
     python train.py                      # the CPU quick start (tiny model, synthetic data)
     python train.py --config configs/pretrain/tiny-cpu.yaml --max-steps 50
+    deepspeed --num_gpus 8 train.py --config configs/pretrain/uniter-base.yaml --output-dir runs/b
 
-`prepare(cfg)` checks everything a user can get wrong (files, patterns, devices) before any work
-starts, raising `RunError` with a one-line message; `train(run)` then runs. Errors inside the loop
-are not caught: a bug surfaces with its traceback.
+`prepare(cfg)` checks everything a user can get wrong (files, patterns, devices, the DeepSpeed
+config, a folder that already holds checkpoints) before any work starts, raising `RunError` with a
+one-line message; `train(run)` then runs on every rank. Errors inside the loop are not caught: a
+bug surfaces with its traceback (and the launcher stops the other ranks).
+
+Every rank runs the same steps, the same task at each micro-batch (see data/pipeline.py), the
+same saves and the same validations, so every collective is entered by all ranks. Rank 0 alone
+writes the logs, the progress bar, metrics.jsonl, TensorBoard and the summary; the losses it
+logs are averaged over ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
-import math
+import os
 import random
+import signal
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from ..config import DEFAULT_MIX, RunConfig, UniterConfig
 from ..convert import load_pretrained, save_reference
-from ..data.pipeline import Loader, TrainSource, iter_eval_batches
+from ..data.pipeline import BadSamples, Loader, TrainSource, iter_eval_batches
 from ..data.shards import list_shards
 from ..model import UniterForPretraining
 from ..ops import describe_kernels
-from .checkpoint import complete_checkpoints, save_checkpoint
-from .engine import Engine
+from . import checkpoint as ckpt
+from .engine import (
+    Engine,
+    barrier,
+    build_deepspeed_config,
+    config_precision,
+    fp32_state_dict,
+    init_distributed,
+    launched,
+    load_deepspeed_config,
+    local_rank,
+    make_universal,
+)
 from .logging import MetricsWriter, Progress, environment_info, setup_logging
 
 log = logging.getLogger("uniter_fast.train")
 
 EVAL_TASKS = ("itm", "mlm", "mrckl", "mrfr")
+TASK_CODES = ("itm", "mlm", "mrfr", "mrc", "mrckl")
+_NO_BAD = 2**62
+# Test hook for the fault tests (tests/test_faults.py): "nan@STEP" makes rank 0's loss NaN from
+# optimizer step STEP on; "kill-in-save@STEP" SIGKILLs rank 0 inside the save of step STEP, after
+# every file but the completion marker is written.
+FAULT_ENV = "UNITER_FAST_FAULT"
 
 
 class RunError(Exception):
@@ -51,15 +79,25 @@ class Run:
     sources: list[TrainSource]
     val_urls: list[str]
     synthetic: bool
+    deepspeed_config: dict = field(default_factory=dict)
+    deepspeed_notes: list[str] = field(default_factory=list)
+    resume_from: Path | None = None
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {name!r} requested but this torch build sees no CUDA device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"device {name!r} requested but this torch build sees no CUDA device")
+        if device.index is None:  # one GPU per rank: the launcher's LOCAL_RANK
+            device = torch.device("cuda", local_rank())
     return device
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def prepare(cfg: RunConfig) -> Run:
@@ -71,18 +109,52 @@ def prepare(cfg: RunConfig) -> Run:
     if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
         raise RunError(f"init checkpoint not found: {cfg.init_checkpoint}")
     device = _device(cfg.device)
-    output_dir = Path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    if complete_checkpoints(output_dir / "checkpoints"):
-        raise RunError(
-            f"{output_dir} already holds checkpoints; choose another --output-dir "
-            "(resuming a run is not supported yet)"
+    try:
+        ds_config, notes = build_deepspeed_config(
+            load_deepspeed_config(cfg.deepspeed_config),
+            optim=cfg.optim,
+            precision=cfg.precision,
+            device=device,
+            source=cfg.deepspeed_config or "the default DeepSpeed config",
         )
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if cfg.output_dir is None and _world_size() > 1:
+        raise RunError(
+            "set --output-dir when running on several ranks: every rank must write to the same "
+            "folder (on a file system all nodes see)"
+        )
+    output_dir = Path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    resume_from = ckpt.latest_checkpoint(output_dir / "checkpoints")
+    if resume_from is not None:
+        if not cfg.resume:
+            raise RunError(
+                f"{output_dir} already holds checkpoints (newest: {resume_from.name}); run "
+                "without --no-resume to resume from it, or choose another --output-dir"
+            )
+        saved = ckpt.read_state(resume_from)
+        if saved["model_config"] != model_config.to_dict():
+            raise RunError(
+                f"{resume_from} was saved with another model config; resume with the same one "
+                f"or choose another --output-dir"
+            )
     synthetic = not cfg.data.train
     if synthetic:
         data_dir = output_dir / "data"
         sources = [TrainSource("synthetic", [str(data_dir / "train")], dict(DEFAULT_MIX))]
         val_urls = [str(data_dir / "val")] if cfg.data.synthetic_val_images else []
     else:
+        unset = [
+            f"data.train[{d.name}].shards"
+            for d in cfg.data.train
+            if any("???" in s for s in d.shards)
+        ]
+        if unset or any("???" in v for v in cfg.data.val):
+            unset += ["data.val"] if any("???" in v for v in cfg.data.val) else []
+            raise RunError(
+                f"the recipe leaves these data paths for you to set: {', '.join(unset)} (edit "
+                "the YAML, or pass --data and --val-data)"
+            )
         sources = [TrainSource(d.name, d.shards, dict(d.mix)) for d in cfg.data.train]
         try:
             for s in sources:
@@ -90,25 +162,38 @@ def prepare(cfg: RunConfig) -> Run:
             val_urls = list_shards(cfg.data.val) if cfg.data.val else []
         except FileNotFoundError as e:
             raise RunError(str(e)) from None
-    return Run(cfg, output_dir, device, model_config, sources, val_urls, synthetic)
+    return Run(
+        cfg,
+        output_dir,
+        device,
+        model_config,
+        sources,
+        val_urls,
+        synthetic,
+        deepspeed_config=ds_config,
+        deepspeed_notes=notes,
+        resume_from=resume_from,
+    )
 
 
 def _write_synthetic(run: Run) -> None:
     from ..data.synthetic import write_synthetic
 
     data_dir = run.output_dir / "data"
-    log.info("writing synthetic shards to %s", data_dir)
-    write_synthetic(
-        data_dir / "train", run.cfg.data.synthetic_images, seed=run.cfg.seed, progress=True
-    )
-    if run.cfg.data.synthetic_val_images:
+    done = data_dir / "COMPLETE"
+    if not done.is_file():  # a resumed run reuses them (same seed, same shards)
+        log.info("writing synthetic shards to %s", data_dir)
         write_synthetic(
-            data_dir / "val",
-            run.cfg.data.synthetic_val_images,
-            seed=run.cfg.seed + 1,
-            progress=True,
+            data_dir / "train", run.cfg.data.synthetic_images, seed=run.cfg.seed, progress=True
         )
-    run.val_urls = list_shards(run.val_urls) if run.val_urls else []
+        if run.cfg.data.synthetic_val_images:
+            write_synthetic(
+                data_dir / "val",
+                run.cfg.data.synthetic_val_images,
+                seed=run.cfg.seed + 1,
+                progress=True,
+            )
+        done.write_text("")
 
 
 def _seed_everything(seed: int) -> None:
@@ -117,219 +202,531 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
 @torch.no_grad()
-def evaluate(
-    model: UniterForPretraining, urls, *, engine: Engine, tokens_per_batch: int, seed: int = 0
-) -> dict:
-    """Validation metrics per task over held-out shards (one deterministic pass each)."""
-    was_training = model.training
-    model.eval()
+def evaluate(engine, urls, *, tokens_per_batch: int, seed: int = 0) -> dict:
+    """Validation metrics per task over held-out shards (one deterministic pass each).
+
+    engine: an `Engine`, or any callable model with `.train()/.eval()/.training` and a `device`
+    attribute on the engine (a plain model runs in one process). Collective over ranks: every
+    rank walks the same batches and evaluates every world-size-th one; ranks left with one
+    fewer batch run a weightless pass, so each rank runs as many forwards as the others (ZeRO-3
+    gathers parameters in every forward). The sums are then added over ranks.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    module = engine.module if isinstance(engine, Engine) else engine
+    device = engine.device if isinstance(engine, Engine) else next(module.parameters()).device
+    was_training = module.training
+    engine.eval()
+    names = ("n", "loss", "acc", "pos", "wra_pos", "wra_neg")
     results: dict[str, float] = {}
     for task in EVAL_TASKS:
-        totals: dict[str, float] = defaultdict(float)
-        for batch in iter_eval_batches(urls, task, tokens_per_batch=tokens_per_batch, seed=seed):
-            n_pos = int(batch.itm_target.sum()) if task == "itm" else 0
-            batch = batch.to(engine.device)
-            with engine.autocast():
-                out = model(batch, task, metrics=True)
+        totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+        batches = list(iter_eval_batches(urls, task, tokens_per_batch=tokens_per_batch, seed=seed))
+        mine = batches[rank::world]
+        rounds = -(-len(batches) // world)
+        for i in range(rounds):
+            weightless = i >= len(mine)
+            batch = (mine[-1] if mine else batches[0]) if weightless else mine[i]
+            n_pos = batch.itm_target.sum() if task == "itm" else None
+            batch = batch.to(device)
+            out = engine(batch, task, metrics=True)
             weight = {
-                "mlm": out.get("mlm_count", 0),
-                "itm": out.get("itm_count", 0),
-                "mrckl": out.get("mrc_count", 0),
-                "mrfr": int(batch.mrm_index.shape[0]) if task == "mrfr" else 0,
+                "mlm": out.get("mlm_count"),
+                "itm": out.get("itm_count"),
+                "mrckl": out.get("mrc_count"),
+                "mrfr": batch.mrm_index.shape[0] if task == "mrfr" else None,
             }[task]
-            totals["n"] += weight
-            totals["loss"] += float(out[task]) * weight
+            weight = torch.as_tensor(weight, dtype=torch.float64, device=device)
+            if weightless:
+                continue
+            row = [weight, out[task].double() * weight]
             acc_key = {"mlm": "mlm_acc", "itm": "itm_acc", "mrckl": "mrc_acc"}.get(task)
-            if acc_key:
-                totals["acc"] += float(out[acc_key]) * weight
+            row.append(out[acc_key].double() * weight if acc_key else weight * 0)
             if task == "itm":
-                totals["pos"] += n_pos
-                if "wra_pos" in out:
-                    totals["wra_pos"] += float(out["wra_pos"]) * n_pos
-                    totals["wra_neg"] += float(out["wra_neg"]) * (weight - n_pos)
-        n = max(totals["n"], 1)
-        results[f"{task}_loss"] = totals["loss"] / n
-        if "acc" in totals:
-            results[f"{task}_acc"] = totals["acc"] / n
+                n_pos = n_pos.to(device, torch.float64)
+                row.append(n_pos)
+                wra = "wra_pos" in out
+                row.append(out["wra_pos"].double() * n_pos if wra else n_pos * 0)
+                row.append(out["wra_neg"].double() * (weight - n_pos) if wra else n_pos * 0)
+            else:
+                row += [weight * 0] * 3
+            totals += torch.stack(row)
+        t = dict(zip(names, _all_reduce(totals).tolist(), strict=True))
+        n = max(t["n"], 1)
+        results[f"{task}_loss"] = t["loss"] / n
+        if task in ("mlm", "itm", "mrckl"):
+            results[f"{task}_acc"] = t["acc"] / n
         if task == "itm":
-            results["itm_pos_fraction"] = totals["pos"] / n
-            if "wra_pos" in totals:
-                results["wra_pos"] = totals["wra_pos"] / max(totals["pos"], 1)
-                results["wra_neg"] = totals["wra_neg"] / max(totals["n"] - totals["pos"], 1)
-    model.train(was_training)
+            results["itm_pos_fraction"] = t["pos"] / n
+            if module.wra_weight > 0:
+                results["wra_pos"] = t["wra_pos"] / max(t["pos"], 1)
+                results["wra_neg"] = t["wra_neg"] / max(t["n"] - t["pos"], 1)
+    engine.train(was_training)
     return results
 
 
-def _checkpoint(run: Run, step: int, model, engine: Engine, loader: Loader) -> Path:
-    state = {
-        "step": step,
-        "config": run.cfg.to_dict(),
-        "model_config": run.model_config.to_dict(),
-        "data": loader.state_dict(),
-    }
-    files = {"model.pt": model.state_dict(), "optimizer.pt": engine.state_dict()}
-    path = save_checkpoint(run.output_dir / "checkpoints", step, files, state)
-    log.info("saved checkpoint %s", path)
-    return path
+# --------------------------------------------------------------------------------------------
+# Fault hooks (tests only)
 
 
-def train(run: Run) -> dict:
-    """Train as `run.cfg` says; returns the summary (also written to summary.json)."""
+def _fault(kind: str) -> int | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, step = spec.partition("@")
+    return int(step) if name == kind and step else None
+
+
+def _kill_self() -> None:
+    log.warning("fault hook %s: killing this process now", os.environ.get(FAULT_ENV))
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop's bookkeeping: per-task sums on the device, read only at log points
+
+
+class Window:
+    """Losses and counts since the last log point; sums stay on the device until `reduce`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+        self.tokens = self.pairs = 0
+        self.start = time.perf_counter()
+
+    def add(self, task: str, out: dict, tokens: int, pairs: int) -> None:
+        acc = self.sums.setdefault(task, {})
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float()
+                acc[k] = acc[k] + v if k in acc else v
+        self.counts[task] += 1
+        self.tokens += tokens
+        self.pairs += pairs
+
+    def reduce(self) -> tuple[dict[str, dict[str, float]], int, int]:
+        """Means per task over this window's micro-batches of all ranks; global tokens, pairs.
+
+        Collective: every rank has the same tasks and keys (the same task sequence)."""
+        keys = [(t, k) for t in sorted(self.sums) for k in sorted(self.sums[t])]
+        flat = [self.sums[t][k].reshape(()).double() for t, k in keys]
+        flat += [torch.tensor(float(self.tokens)), torch.tensor(float(self.pairs))]
+        values = _all_reduce(torch.stack([v.to(self.device) for v in flat])).tolist()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        means: dict[str, dict[str, float]] = defaultdict(dict)
+        for (t, k), v in zip(keys, values, strict=False):  # values ends with tokens, pairs
+            means[t][k] = v / (self.counts[t] * world)
+        return dict(means), int(values[-2]), int(values[-1])
+
+    def state_dict(self) -> dict:
+        return {
+            "sums": {t: {k: float(v) for k, v in d.items()} for t, d in self.sums.items()},
+            "counts": dict(self.counts),
+            "tokens": self.tokens,
+            "pairs": self.pairs,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {
+            t: {k: torch.tensor(v, device=self.device) for k, v in d.items()}
+            for t, d in state["sums"].items()
+        }
+        self.counts = defaultdict(int, state["counts"])
+        self.tokens, self.pairs = state["tokens"], state["pairs"]
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+        self.tokens = self.pairs = 0
+        self.start = time.perf_counter()
+
+
+class NonFinite:
+    """The first micro-batch whose loss was not finite, tracked on the device (no sync)."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), _NO_BAD, dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor, step: int, task: str) -> None:
+        bad = torch.isfinite(loss.detach()).logical_not().long()
+        code = step * len(TASK_CODES) + TASK_CODES.index(task)
+        self.first = torch.minimum(self.first, bad * code + (1 - bad) * _NO_BAD)
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        """Collective: every rank raises if any rank saw a non-finite loss."""
+        code = int(
+            _all_reduce(self.first.clone(), dist.ReduceOp.MIN if dist.is_initialized() else None)
+        )
+        if code == _NO_BAD:
+            return
+        step, task = divmod(code, len(TASK_CODES))
+        where = f"; the newest checkpoint is {last_checkpoint}" if last_checkpoint else ""
+        raise FloatingPointError(
+            f"step {step}, task {TASK_CODES[task]}: the loss is not finite (NaN or inf); the run "
+            f"stops here{where}"
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past `step` (written by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _build_engine(run: Run, rank: int, world: int) -> tuple[Engine, dict | None]:
+    """Model and engine, resumed if the run folder holds a checkpoint; returns the saved state."""
     cfg = run.cfg
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run.output_dir)
-    (run.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    env = environment_info(run.device)
-    (run.output_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    log.info("output folder %s; device %s; torch %s", run.output_dir, run.device, env["torch"])
-    _seed_everything(cfg.seed)
-    if run.synthetic:
-        _write_synthetic(run)
-
-    model = UniterForPretraining(run.model_config, wra_weight=cfg.wra_weight, kernels=cfg.kernels)
-    if cfg.init_checkpoint:
-        load_pretrained(model, cfg.init_checkpoint, verbose=False)
-    model.to(run.device).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    engine = Engine(
-        model, cfg.optim, total_steps=cfg.max_steps, device=run.device, precision=cfg.precision
+    _seed_everything(cfg.seed)  # the same initial weights on every rank
+    model = UniterForPretraining(
+        run.model_config,
+        wra_weight=cfg.wra_weight,
+        kernels=cfg.kernels,
+        attention=cfg.attention,
+        varlen_dropout=cfg.varlen_dropout,
     )
-    log.info("model: %s parameters, %s precision", f"{n_params:,}", engine.precision)
+    if cfg.init_checkpoint and run.resume_from is None:
+        load_pretrained(model, cfg.init_checkpoint, verbose=rank == 0)
+    model.to(run.device).train()
+    precision = config_precision(run.deepspeed_config)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    try:
+        choice = model.set_attention(cfg.attention, run.device, cfg.varlen_dropout, dtype=dtype)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    ds_config = dict(run.deepspeed_config)
+    saved = None
+    source = run.resume_from
+    if source is not None:
+        saved = ckpt.read_state(source)
+        moved = (
+            saved["world_size"] != world
+            or saved["zero_stage"] != ds_config["zero_optimization"]["stage"]
+        )
+        if moved:
+            universal = source / "universal"
+            if rank == 0 and not universal.is_dir():
+                log.info(
+                    "resuming on %d rank(s) with ZeRO-%d from a checkpoint of %d rank(s) with "
+                    "ZeRO-%d: converting it to DeepSpeed's universal layout",
+                    world,
+                    ds_config["zero_optimization"]["stage"],
+                    saved["world_size"],
+                    saved["zero_stage"],
+                )
+                make_universal(source, universal)
+            barrier()
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+            source = universal
+    engine = Engine(
+        model,
+        cfg.optim,
+        total_steps=cfg.max_steps,
+        deepspeed_config=ds_config,
+        device=run.device,
+    )
+    if source is not None:
+        engine.load(source)
+    n_params = sum(p.numel() for p in model.parameters())
+    if getattr(engine.module, "zero3", False) or engine.zero_stage == 3:
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    log.info("model: %s parameters; engine: %s", f"{n_params:,}", engine.describe())
+    for note in run.deepspeed_notes:
+        log.info("deepspeed config: %s", note)
+    log.info("attention: %s", choice.describe())
+    if choice.warning:
+        log.warning("attention: %s", choice.warning)
     log.info("loss kernels: %s", describe_kernels(cfg.kernels, run.device))
-    batches = Loader(
+    return engine, saved
+
+
+def _build_loader(run: Run, rank: int, world: int, saved: dict | None, rank_state: dict | None):
+    cfg = run.cfg
+    state = rank_state["data"] if rank_state else None
+    seed = cfg.seed
+    if saved is not None and saved["world_size"] != world:
+        log.warning(
+            "the data position of a %d-rank run cannot be carried to %d ranks (each rank reads "
+            "its own shard split): the data stream restarts with seed %d%s",
+            saved["world_size"],
+            world,
+            seed + saved["step"],
+            "; in exact mode the current epoch starts over" if cfg.data.mode == "exact" else "",
+        )
+        state, seed = None, seed + saved["step"]
+    return Loader(
         run.sources,
         tokens_per_batch=cfg.data.tokens_per_batch,
-        seed=cfg.seed,
+        seed=seed,
         mode=cfg.data.mode,
         block_images=cfg.data.block_images,
         length_buckets=cfg.data.length_buckets,
         num_workers=cfg.data.num_workers,
         pin_memory=run.device.type == "cuda",
         max_bad_fraction=cfg.data.max_bad_fraction,
+        rank=rank,
+        world_size=world,
+        state=state,
     )
+
+
+def _export_reference(run: Run, checkpoint: Path) -> Path:
+    """fp32 weights of `checkpoint` in the reference's key layout (rank 0; tied keys written)."""
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's converter prints as it goes
+        weights = fp32_state_dict(checkpoint)
+    model = UniterForPretraining(run.model_config, wra_weight=run.cfg.wra_weight)
+    model.load_state_dict(weights, strict=True)  # our names, the tied ones included
+    return save_reference(model, run.output_dir / "model_reference.pt")
+
+
+def train(run: Run) -> dict:
+    """Train as `run.cfg` says, on every rank; returns the summary (written to summary.json)."""
+    cfg = run.cfg
+    rank, world = init_distributed(run.device)
+    if rank == 0:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    setup_logging(run.output_dir, rank=rank)
+    checkpoints = run.output_dir / "checkpoints"
+    if rank == 0:
+        for leftover in ckpt.remove_incomplete(checkpoints):
+            log.warning("removed %s, left by a save that did not finish", leftover)
+        (run.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run.output_dir / "deepspeed.json").write_text(
+            json.dumps(run.deepspeed_config, indent=2) + "\n"
+        )
+        env = environment_info(run.device)
+        env.update(world_size=world, launched=launched())
+        (run.output_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        log.info(
+            "output folder %s; device %s; %d rank(s); torch %s",
+            run.output_dir,
+            run.device,
+            world,
+            env["torch"],
+        )
+        if run.synthetic:
+            _write_synthetic(run)
+    barrier()
+    if run.synthetic:
+        run.val_urls = list_shards(run.val_urls) if run.val_urls else []
+
+    engine, saved = _build_engine(run, rank, world)
+    start_step = saved["step"] if saved else 0
+    rank_state = None
+    if saved is not None and saved["world_size"] == world:
+        rank_state = ckpt.load_rank_state(run.resume_from, rank)
+    batches = _build_loader(run, rank, world, saved, rank_state)
+    window = Window(run.device)
+    if rank_state is not None:
+        ckpt.set_rng_state(rank_state["rng"])
+        window.load_state_dict(rank_state["window"])
+    else:
+        _seed_everything(cfg.seed + 1000 * (rank + 1) + start_step)  # dropout differs per rank
+    if saved:
+        log.info("resumed from %s at step %d", run.resume_from, start_step)
     log.info(
-        "data: %s mode, %d worker(s), blocks of %d images, %d real tokens per batch",
+        "data: %s mode, %d worker(s) per rank, blocks of %d images, %d real tokens per batch",
         cfg.data.mode,
         cfg.data.num_workers,
         cfg.data.block_images,
         cfg.data.tokens_per_batch,
     )
 
-    metrics = MetricsWriter(run.output_dir)
-    progress = Progress(cfg.max_steps)
-    history: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    latest: dict[str, float] = {}
-    # Per-task sums stay on the device between log points: reading them is the only sync.
-    sums: dict[str, dict[str, torch.Tensor]] = {}
-    counts: dict[str, int] = defaultdict(int)
-    window_tokens = window_pairs = 0
-    total_tokens = 0
-    window_start = run_start = time.perf_counter()
-    tokens_per_s = 0.0  # of the last log window, shown on the progress bar until the next
-    checkpoint = None
+    metrics = None
+    if rank == 0:
+        _truncate_metrics(run.output_dir / "metrics.jsonl", start_step)
+        metrics = MetricsWriter(run.output_dir, purge_step=start_step + 1 if saved else None)
+    progress = Progress(cfg.max_steps, initial=start_step, enabled=rank == 0)
+    history = saved.get("history", {}) if saved else {}
+    loss_first: dict[str, float] = dict(history.get("loss_first", {}))
+    latest: dict[str, float] = dict(history.get("loss_last", {}))
+    total_tokens = int(history.get("tokens", 0))
+    train_seconds = float(history.get("train_seconds", 0.0))
+    nonfinite = NonFinite(run.device)
+    last_checkpoint = run.resume_from
+    rates = (0.0, 0.0)  # tokens/s and pairs/s of the last window, shown until the next
     bad_logged = 0
+    nan_step, kill_step = _fault("nan"), _fault("kill-in-save")
+    run_start = time.perf_counter()
 
-    for step in range(1, cfg.max_steps + 1):
-        for _ in range(cfg.optim.grad_accum):
+    def save(step: int) -> Path:
+        nonfinite.check(last_checkpoint)  # never save weights that saw a NaN
+        state = {
+            "step": step,
+            "world_size": world,
+            "zero_stage": engine.zero_stage,
+            "precision": engine.precision,
+            "config": cfg.to_dict(),
+            "model_config": run.model_config.to_dict(),
+            "history": {
+                "loss_first": loss_first,
+                "loss_last": latest,
+                "tokens": total_tokens,
+                "train_seconds": train_seconds + time.perf_counter() - run_start,
+            },
+        }
+        rank_part = {
+            "rng": ckpt.rng_state(),
+            "data": batches.state_dict(),
+            "window": window.state_dict(),
+        }
+        kill = _kill_self if kill_step == step else None
+        path = ckpt.save_checkpoint(
+            checkpoints,
+            step,
+            engine,
+            rank_state=rank_part,
+            state=state,
+            keep=cfg.keep_checkpoints,
+            before_commit=kill,
+        )
+        log.info("saved checkpoint %s", path)
+        return path
+
+    step = start_step
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        stepped = None
+        for _ in range(engine.grad_accum):
             task, batch = next(batches)
-            window_tokens += batch.num_tokens
-            window_pairs += batch.num_pairs
+            tokens, pairs = batch.num_tokens, batch.num_pairs
             batch = batch.to(run.device, non_blocking=True)
-            with engine.autocast():
-                out = model(batch, task)
-            engine.backward(out["loss"])
-            parts = {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor)}
-            acc = sums.setdefault(task, {})
-            for k, v in parts.items():
-                acc[k] = acc[k] + v if k in acc else v.float()
-            counts[task] += 1
-        stepped = engine.step(step)
+            out = engine(batch, task)
+            loss = out["loss"]
+            if nan_step is not None and step >= nan_step and rank == 0:
+                loss = loss * float("nan")
+                out = {**out, "loss": loss}
+            nonfinite.add(loss, step, task)
+            engine.backward(loss)
+            stepped = engine.step(step) or stepped
+            window.add(task, out, tokens, pairs)
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
-            for task in sorted(sums):
-                record = {
-                    "step": step,
-                    "task": task,
-                    "lr": stepped["lr"],
-                    "tokens_per_s": tokens_per_s,
-                    "samples_per_s": window_pairs / elapsed,
-                    "grad_norm": float(stepped["grad_norm"]),
-                }
-                for k, v in sums[task].items():
-                    record[k] = float(v) / counts[task]
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"step {step}: task {task} loss is {record['loss']}")
-                metrics.write(record)
-                history[task].append((step, record["loss"]))
-                latest[task] = record["loss"]
-            if batches.bad.num_bad != bad_logged:
-                bad_logged = batches.bad.num_bad
-                log.warning(
-                    "bad samples skipped so far: %d of %d read, by reason %s",
-                    bad_logged,
-                    bad_logged + batches.bad.num_good,
-                    batches.bad.by_reason(),
-                )
-                metrics.write(
-                    {
+            nonfinite.check(last_checkpoint)
+            means, tokens, pairs = window.reduce()
+            elapsed = time.perf_counter() - window.start
+            rates = (tokens / elapsed, pairs / elapsed)
+            total_tokens += tokens
+            grad_norm = stepped.grad_norm if stepped is not None else None
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if metrics is not None:
+                for task in sorted(means):
+                    record = {
                         "step": step,
-                        "data_bad_samples": bad_logged,
-                        "data_samples_read": bad_logged + batches.bad.num_good,
-                    },
-                    prefix="data",
-                )
-            total_tokens += window_tokens
-            sums.clear()
-            counts.clear()
-            window_tokens = window_pairs = 0
-            window_start = time.perf_counter()
-            progress.update(step, latest, tokens_per_s, log_line=True)
+                        "task": task,
+                        "lr": stepped.lr if stepped else float("nan"),
+                        "tokens_per_s": rates[0],
+                        "samples_per_s": rates[1],
+                        "grad_norm": grad_norm,
+                        **means[task],
+                    }
+                    metrics.write(record)
+                    loss_first.setdefault(task, record["loss"])
+                    latest[task] = record["loss"]
+            bad_logged = _log_bad(batches.bad, bad_logged, step, metrics)
+            window.clear()
+            progress.update(step, latest, *rates, log_line=True)
         else:
-            progress.update(step, latest, tokens_per_s, log_line=False)
+            progress.update(step, latest, *rates, log_line=False)
 
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
-            checkpoint = _checkpoint(run, step, model, engine, batches)
+            last_checkpoint = save(step)
         if cfg.val_every and step % cfg.val_every == 0 and run.val_urls and step != cfg.max_steps:
-            val = evaluate(
-                model, run.val_urls, engine=engine, tokens_per_batch=cfg.data.tokens_per_batch
-            )
-            metrics.write({"step": step, **val}, prefix="val")
+            val = evaluate(engine, run.val_urls, tokens_per_batch=cfg.data.tokens_per_batch)
+            if metrics is not None:
+                metrics.write({"step": step, **val}, prefix="val")
     progress.close()
-    train_seconds = time.perf_counter() - run_start
+    train_seconds += time.perf_counter() - run_start
 
-    checkpoint = _checkpoint(run, cfg.max_steps, model, engine, batches)
+    if start_step < cfg.max_steps or last_checkpoint is None:
+        last_checkpoint = save(cfg.max_steps)
+    bad = _gather_bad(batches.bad)
     batches.close()
-    reference = save_reference(model, run.output_dir / "model_reference.pt")
+    reference = None
+    if rank == 0:
+        reference = _export_reference(run, last_checkpoint)
     val = {}
     if run.val_urls:
-        val = evaluate(
-            model, run.val_urls, engine=engine, tokens_per_batch=cfg.data.tokens_per_batch
-        )
-        metrics.write({"step": cfg.max_steps, **val}, prefix="val")
-    metrics.close()
-
+        val = evaluate(engine, run.val_urls, tokens_per_batch=cfg.data.tokens_per_batch)
+        if metrics is not None:
+            metrics.write({"step": cfg.max_steps, **val}, prefix="val")
     summary = {
         "steps": cfg.max_steps,
+        "resumed_from_step": start_step,
+        "world_size": world,
+        "engine": engine.describe(),
         "train_seconds": train_seconds,
-        "tokens_per_s": total_tokens / train_seconds,
-        "loss_first": {t: h[0][1] for t, h in history.items()},
-        "loss_last": {t: h[-1][1] for t, h in history.items()},
+        "tokens_per_s": total_tokens / train_seconds if train_seconds > 0 else 0.0,
+        "loss_first": loss_first,
+        "loss_last": latest,
         "validation": val,
         "data": {
-            "samples_read": batches.bad.num_good + batches.bad.num_bad,
-            "bad_samples": batches.bad.by_reason(),
-            "worst_shards": batches.bad.worst_shards(),
+            "samples_read": bad.num_good + bad.num_bad,
+            "bad_samples": bad.by_reason(),
+            "worst_shards": bad.worst_shards(),
         },
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(last_checkpoint),
         "reference_weights": str(reference),
         "output_dir": str(run.output_dir),
     }
-    (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_summary(summary))
+    if rank == 0:
+        metrics.close()
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary))
+    barrier()
     return summary
+
+
+def _log_bad(bad: BadSamples, logged: int, step: int, metrics) -> int:
+    if bad.num_bad == logged:
+        return logged
+    log.warning(
+        "bad samples skipped so far on this rank: %d of %d read, by reason %s",
+        bad.num_bad,
+        bad.num_bad + bad.num_good,
+        bad.by_reason(),
+    )
+    if metrics is not None:
+        metrics.write(
+            {
+                "step": step,
+                "data_bad_samples": bad.num_bad,
+                "data_samples_read": bad.num_bad + bad.num_good,
+            },
+            prefix="data",
+        )
+    return bad.num_bad
+
+
+def _gather_bad(bad: BadSamples) -> BadSamples:
+    """Every rank's bad-sample counts, merged (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bad
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, bad.state_dict())
+    merged = BadSamples()
+    for state in states:
+        merged.merge(state)
+    return merged
 
 
 def format_summary(s: dict) -> str:
