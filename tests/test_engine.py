@@ -4,6 +4,7 @@ and the DeepSpeed config it completes from the recipe."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -131,7 +132,12 @@ def test_schedule_factor_gives_the_lr_of_the_next_step():
 
 def test_engine_step_sums_micro_batches_clips_and_schedules(rng):
     """One DeepSpeed step over two micro-batches equals AdamW on the summed, clipped gradient."""
-    init_distributed(torch.device("cpu"))
+    launcher_vars = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+    before = {k: os.environ.get(k) for k in launcher_vars}
+    assert init_distributed(torch.device("cpu")) == (0, 1)
+    # A group of one leaves nothing a train.py started from here would take for a launcher's
+    # (it would try to join this process's store: the CI failure of EADDRINUSE on MASTER_PORT).
+    assert {k: os.environ.get(k) for k in launcher_vars} == before
     optim = OptimConfig(lr=1e-3, warmup_steps=10, grad_clip=0.5, grad_accum=2)
     torch.manual_seed(0)
     model = uf.UniterForPretraining(TINY)

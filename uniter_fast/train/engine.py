@@ -98,20 +98,38 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
     NCCL on CUDA, gloo on the CPU. DeepSpeed's accelerator follows the device, so a CPU run on
     a GPU machine (`--device cpu`) does not pick CUDA.
+
+    A group of one leaves no launcher variables behind: its rendezvous address goes to torch
+    directly rather than into `os.environ`, so a process this one starts (`train.py` run by a
+    test or a notebook) does not take RANK and MASTER_PORT for a launcher's, and try to join a
+    store that is not its own. Only LOCAL_RANK is set (DeepSpeed's engine reads it).
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    group_of_one = {}
     if not launched():
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-    import deepspeed
+        os.environ.setdefault("LOCAL_RANK", "0")
+        group_of_one = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    accelerator = "cuda" if device.type == "cuda" else "cpu"
+    # DeepSpeed reads DS_ACCELERATOR once, when it first picks its accelerator; the variable is
+    # set for that moment only, so it is not inherited either.
+    saved = os.environ.get("DS_ACCELERATOR")
+    os.environ.setdefault("DS_ACCELERATOR", accelerator)
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        get_accelerator()
+    finally:
+        if saved is None:
+            os.environ.pop("DS_ACCELERATOR", None)
     deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
+        auto_mpi_discovery=not group_of_one,
+        verbose=False,
+        **group_of_one,
     )
     return dist.get_rank(), dist.get_world_size()
 
@@ -387,7 +405,11 @@ def make_universal(checkpoint_dir: Path, out_dir: Path) -> None:
         "1",
         "--inject_missing_state",
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    from deepspeed.accelerator import get_accelerator
+
+    # The converter picks its own accelerator: give it this process's (no launcher variables).
+    env = {**os.environ, "DS_ACCELERATOR": get_accelerator().device_name()}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(
             f"converting {checkpoint_dir} to DeepSpeed's universal layout failed:\n"
