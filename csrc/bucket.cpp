@@ -59,14 +59,19 @@ void fill_padded(const int64_t* lengths, const int64_t* bucket, int64_t size,
   std::vector<int64_t> batch;
   for (int64_t g = 0, g_end = 0; g < size; g = g_end) {
     g_end = g + std::min(o.size_multiple, size - g);
-    for (int64_t k = g; k < g_end; ++k) max_len = std::max(max_len, lengths[bucket[k]]);
+    int64_t group_max = 0;
+    for (int64_t k = g; k < g_end; ++k) group_max = std::max(group_max, lengths[bucket[k]]);
+    max_len = std::max(max_len, group_max);
     // max_len * (len(batch) + size_multiple) > max_tokens, without overflow.
     const int64_t room = o.max_tokens / max_len;
     if (o.size_multiple > room - static_cast<int64_t>(batch.size())) {
-      if (batch.empty()) {
+      // The reference starts the next batch with this group unchecked; sorted longest first it
+      // always fits, unsorted it may not, so its own length is checked too.
+      const int64_t too_long = batch.empty() ? max_len : group_max;
+      if (batch.empty() || o.size_multiple > o.max_tokens / group_max) {
         throw std::invalid_argument(
             "bucketing: max_tokens " + std::to_string(o.max_tokens) + " cannot hold " +
-            std::to_string(o.size_multiple) + " samples of length " + std::to_string(max_len) +
+            std::to_string(o.size_multiple) + " samples of length " + std::to_string(too_long) +
             " (max_tokens too small / max_seq_len too long)");
       }
       writer.emit(batch);

@@ -258,3 +258,22 @@ def test_unsorted_batches_follow_the_shuffled_order():
         # Each batch is closed only by a sample that would not fit.
         for b, nxt in zip(batches, batches[1:], strict=False):
             assert lengths[b].sum() + lengths[nxt[0]] > 1000
+
+
+def test_unsorted_padded_batches_refuse_a_group_over_the_budget():
+    # Unsorted, a longer group can close a batch and open the next; the reference would take it
+    # unchecked (sorted longest first it always fits). Here 2 x 60 > 100: both backends refuse,
+    # naming the group's length, rather than emit a batch over the budget.
+    for backend in ("python", "cpp") if extension_loaded() else ("python",):
+        with pytest.raises(ValueError, match="cannot hold 2 samples of length 60"):
+            token_bucket_batches(
+                np.array([10, 10, 60, 5]),
+                max_tokens=100,
+                size_multiple=2,
+                bucket_size=4,
+                mode="padded",
+                order=[0, 1, 2, 3],
+                shuffle_batches=False,
+                sort_by_length=False,
+                backend=backend,
+            )

@@ -249,6 +249,14 @@ def _fill_padded(lens, groups, max_tokens, size_multiple, batches) -> list[int]:
                 )
             batches.append(batch_indices)
             batch_indices = list(indices)
+            # The reference starts the next batch with this group unchecked; sorted longest
+            # first, it always fits. Unsorted (sort_by_length=False) it may not: refuse.
+            longest = max(lens[i] for i in indices)
+            if longest * size_multiple > max_tokens:
+                raise ValueError(
+                    f"bucketing: max_tokens {max_tokens} cannot hold {size_multiple} samples of "
+                    f"length {longest} (max_tokens too small / max_seq_len too long)"
+                )
         else:
             batch_indices.extend(indices)
     return batch_indices
