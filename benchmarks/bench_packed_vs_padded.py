@@ -39,7 +39,6 @@ import contextlib
 import math
 import statistics
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,14 +54,22 @@ from common import (
     save_result,
     saved_tensor_bytes,
 )
+from workload import (
+    BUCKET_PAIRS,
+    MAX_EXAMPLE_TOKENS,
+    BatchShape,
+    encoder_matmul_params,
+    fill_task_batches,
+    make_pairs,
+    pairs_needed,
+    shape_summary,
+)
 
 import uniter_fast as uf
 from uniter_fast.authors import collate as authors_collate
 from uniter_fast.authors import model as authors_model
 from uniter_fast.config import UniterConfig
-from uniter_fast.data.schema import IMG_DIM, MAX_CAPTION_TOKENS, MAX_REGIONS, TASKS
-from uniter_fast.data.synthetic import generate_images
-from uniter_fast.tasks import NegativeImageSampler, build_example
+from uniter_fast.data.schema import TASKS
 
 NAME = "packed_vs_padded"
 QUESTION = (
@@ -71,15 +78,8 @@ QUESTION = (
 )
 DEFAULT_TASKS = ("mlm", "mrfr", "mrckl", "itm")
 PROVIDERS = ("packed", "authors")
-# The authors' TokenBucketSampler sorts pairs by length within buckets of this many (BUCKET_SIZE
-# in their utils/const.py) before filling batches.
-BUCKET_PAIRS = 8192
-# Longest example: 60 caption tokens, [CLS], [SEP] and 100 regions. A budget below it cannot hold
-# every example.
-MAX_EXAMPLE_TOKENS = MAX_CAPTION_TOKENS + 2 + MAX_REGIONS
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
 WRA_ITERATIONS = 50  # the authors' optimal_transport_dist default, and ours
-ATTENTION_PAD_MULTIPLE = 8  # the packed model's padded attention view (collate.PAD_MULTIPLE)
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -201,178 +201,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.error(str(e))
 
 
-# --- examples and batches -----------------------------------------------------------------------
-
-
-def make_pairs(min_tokens: int, min_pairs: int, seed: int):
-    """(caption, image) pairs of synthetic images, all captions of each image, until the pairs
-    hold at least `min_tokens` real tokens and number at least `min_pairs`.
-
-    Returns (pairs, negatives): a list of (caption int32 [L], ImageRecord), and a
-    NegativeImageSampler holding every generated image (ITM's negatives).
-    """
-    pairs, images, tokens = [], [], 0
-    for image in generate_images(10**9, seed=seed):
-        images.append(image)
-        for caption in image.captions:
-            pairs.append((caption, image))
-            tokens += len(caption) + 2 + image.num_regions
-        if tokens >= min_tokens and len(pairs) >= min_pairs:
-            break
-    negatives = NegativeImageSampler(capacity=len(images))
-    for image in images:
-        negatives.add(image)
-    return pairs, negatives
-
-
-def example_tokens(example: dict) -> int:
-    return int(len(example["input_ids"]) + len(example["img_feat"]))
-
-
-def fill_batches(lengths: list[int], order: np.ndarray, budget: int) -> list[list[int]]:
-    """Greedy fill in `order`: a batch takes examples while its real tokens stay within `budget`.
-
-    The last, partly filled batch is dropped, so every batch is full up to one example.
-    """
-    batches, current, used = [], [], 0
-    for i in order:
-        if used + lengths[i] > budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(int(i))
-        used += lengths[i]
-    return batches
+# --- examples and batches: workload.py -----------------------------------------------------
 
 
 def build_task_batches(task: str, pairs, negatives, s: Settings) -> list[list[dict]]:
     """`s.batches` lists of examples of `task`, each within `s.tokens_per_batch` real tokens."""
-    rng = np.random.default_rng([s.seed, zlib.crc32(task.encode())])
-    examples = [
-        build_example(task, caption, image, rng, negatives=negatives) for caption, image in pairs
-    ]
-    lengths = [example_tokens(ex) for ex in examples]
-    order_rng = np.random.default_rng([s.seed, 1])
-    if s.order == "random":
-        batches = fill_batches(lengths, order_rng.permutation(len(examples)), s.tokens_per_batch)
-        chosen = batches[: s.batches]
-    else:
-        # The authors' TokenBucketSampler: shuffle, sort buckets by length (longest first), fill,
-        # then shuffle the batches.
-        order = order_rng.permutation(len(examples))
-        order = np.concatenate(
-            [
-                sorted(order[i : i + BUCKET_PAIRS], key=lambda j: -lengths[j])
-                for i in range(0, len(order), BUCKET_PAIRS)
-            ]
-        ).astype(np.int64)
-        batches = fill_batches(lengths, order, s.tokens_per_batch)
-        chosen = [batches[i] for i in order_rng.permutation(len(batches))[: s.batches]]
-    if len(chosen) < s.batches:
-        raise RuntimeError(
-            f"{task}: built {len(chosen)} full batches, {s.batches} asked (generate more pairs)"
-        )
-    return [[examples[i] for i in batch] for batch in chosen]
-
-
-@dataclass(frozen=True)
-class BatchShape:
-    """Sizes of one batch: B pairs, their text and region lengths."""
-
-    txt_len: tuple[int, ...]
-    img_len: tuple[int, ...]
-
-    @classmethod
-    def of(cls, examples: list[dict]) -> BatchShape:
-        return cls(
-            tuple(len(ex["input_ids"]) for ex in examples),
-            tuple(len(ex["img_feat"]) for ex in examples),
-        )
-
-    @property
-    def pairs(self) -> int:
-        return len(self.txt_len)
-
-    @property
-    def seq_len(self) -> list[int]:
-        return [t + i for t, i in zip(self.txt_len, self.img_len, strict=True)]
-
-    @property
-    def real_tokens(self) -> int:
-        return sum(self.txt_len) + sum(self.img_len)
-
-    @property
-    def max_len(self) -> int:
-        return max(self.seq_len)
-
-    @property
-    def authors_tokens(self) -> int:
-        """Positions the authors' encoder computes on: B x max(txt_len + img_len)."""
-        return self.pairs * self.max_len
-
-    def flops_forward(self, config: UniterConfig, padded: bool) -> int:
-        """Forward FLOPs of the encoder and the region embedder's matmul (heads excluded: both
-        providers run them on the same selected rows).
-
-        Encoder: 2 x (matmul parameters) per position, plus 4 x L x hidden per position and
-        layer for attention's two products over a sequence of length L. Region embedder:
-        2 x 2048 x hidden per region. `padded`: on the authors' B x max_len positions and
-        B x max(img_len) regions; else on the real ones only.
-        """
-        h, n = config.hidden_size, config.num_hidden_layers
-        params = encoder_matmul_params(config)
-        if padded:
-            b, length = self.pairs, self.max_len
-            encoder = 2 * params * b * length + 4 * n * h * b * length * length
-            regions = b * max(self.img_len)
-        else:
-            encoder = sum(2 * params * L + 4 * n * h * L * L for L in self.seq_len)
-            regions = sum(self.img_len)
-        return encoder + 2 * IMG_DIM * h * regions
-
-    def to_dict(self, config: UniterConfig) -> dict:
-        lpad = -(-self.max_len // ATTENTION_PAD_MULTIPLE) * ATTENTION_PAD_MULTIPLE
-        return {
-            "pairs": self.pairs,
-            "real_tokens": self.real_tokens,
-            "txt_tokens": sum(self.txt_len),
-            "img_tokens": sum(self.img_len),
-            "max_txt_len": max(self.txt_len),
-            "max_img_len": max(self.img_len),
-            "max_len": self.max_len,
-            "authors_tokens": self.authors_tokens,
-            "authors_txt_tokens": self.pairs * max(self.txt_len),
-            "authors_img_tokens": self.pairs * max(self.img_len),
-            "packed_attention_tokens": self.pairs * lpad,
-            "flops_forward_real": self.flops_forward(config, padded=False),
-            "flops_forward_authors": self.flops_forward(config, padded=True),
-        }
-
-
-def encoder_matmul_params(config: UniterConfig) -> int:
-    """Weights of the encoder's matmuls: per layer QKV + output (4 h^2) and FFN (2 h f)."""
-    h, f = config.hidden_size, config.intermediate_size
-    return config.num_hidden_layers * (4 * h * h + 2 * h * f)
-
-
-def shape_summary(shapes: list[BatchShape], config: UniterConfig) -> dict:
-    per_batch = [shape.to_dict(config) for shape in shapes]
-
-    def total(key: str) -> int:
-        return sum(b[key] for b in per_batch)
-
-    real = total("real_tokens")
-    return {
-        "per_batch": per_batch,
-        "real_tokens_per_batch_mean": real / len(per_batch),
-        "pairs_per_batch_mean": total("pairs") / len(per_batch),
-        # Fractions of the positions computed on that hold no real token, over all batches.
-        "padding_fraction": 1 - real / total("authors_tokens"),
-        "txt_padding_fraction": 1 - total("txt_tokens") / total("authors_txt_tokens"),
-        "img_padding_fraction": 1 - total("img_tokens") / total("authors_img_tokens"),
-        "packed_attention_padding_fraction": 1 - real / total("packed_attention_tokens"),
-        "flops_ratio_authors_over_real": total("flops_forward_authors")
-        / total("flops_forward_real"),
-    }
+    return fill_task_batches(
+        task,
+        pairs,
+        negatives,
+        count=s.batches,
+        tokens_per_batch=s.tokens_per_batch,
+        order=s.order,
+        seed=s.seed,
+    )
 
 
 # --- providers ----------------------------------------------------------------------------------
@@ -643,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     config = UniterConfig.from_json(s.model_config)
     # Enough pairs for the asked batches (the fill leaves at most one example's room unused per
     # batch), and for the bucketed order a whole bucket of the authors' size.
-    min_tokens = s.batches * (s.tokens_per_batch + MAX_EXAMPLE_TOKENS) + MAX_EXAMPLE_TOKENS
+    min_tokens = pairs_needed(s.batches, s.tokens_per_batch)
     pairs, negatives = make_pairs(min_tokens, BUCKET_PAIRS if s.order == "bucketed" else 1, s.seed)
 
     print(
