@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -116,3 +117,150 @@ def test_masked_losses_quick_run(tmp_path):
     else:
         assert proc.returncode == 0, proc.stderr
         assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _gate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "benchmarks/check_regression.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_e2e_quick_run_records_every_provider(tmp_path):
+    out = tmp_path / "e2e.json"
+    providers = ["fast", "fast_deepspeed", "plain", "authors", "visualbert"]
+    result = run_benchmark(
+        "bench_e2e.py", "--device", "cpu", "--quick", "--providers", *providers, out=out
+    )
+    (model,) = result["models"].values()
+    assert result["peak"]["tflops"] > 0
+    # fast and plain computed the authors' losses, part by part, before anything was timed.
+    checks = [v for k, v in model["agreement"].items() if k.startswith("fp32/")]
+    assert len(checks) == 4 and all(
+        part["ok"] for entry in checks for part in entry.values() if isinstance(part, dict)
+    )
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        assert "transformers does not import" in model["skipped"]["visualbert"]
+        providers.remove("visualbert")
+    assert list(model["providers"]) == providers
+    for name, p in model["providers"].items():
+        assert min(p["tokens_per_s"], p["pairs_per_s"], p["mfu"], p["mfu_6n"]) > 0, name
+        assert set(p["split_ms_per_step"]) == {"data", "forward", "backward", "optimizer", "other"}
+        assert p["split_ms_per_step"]["forward"] > 0 and p["memory"]["state_bytes"] > 0
+    assert set(model["speedup_tokens_per_s"]["authors"]) == set(providers) - {"authors"}
+    # Useful FLOPs per real token: at least the encoder's 6 x matmul weights.
+    assert all(
+        v >= 6 * model["encoder_matmul_params"]
+        for v in model["useful_flops_per_real_token"].values()
+    )
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/plot_e2e.py", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert proc.returncode == 1 and "matplotlib is not installed" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_e2e_gate_passes_the_cpu_baseline_and_fails_a_higher_one(tmp_path):
+    """What CI gates on: the --gate run's speed-ups against benchmarks/baselines/cpu.json."""
+    out = tmp_path / "gate.json"
+    run_benchmark("bench_e2e.py", "--gate", out=out)
+    passed = _gate(str(out))
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "within tolerance" in passed.stdout
+
+    baseline = json.loads((REPO / "benchmarks/baselines/cpu.json").read_text())
+    assert baseline["mode"] == "ratios" and baseline["figures"]
+    missed = copy.deepcopy(baseline)
+    for figure in missed["figures"].values():
+        figure["value"] *= 2  # figures the current code cannot reach
+    (tmp_path / "missed.json").write_text(json.dumps(missed))
+    failed = _gate(str(out), "--baseline", str(tmp_path / "missed.json"))
+    assert failed.returncode == 1 and "REGRESSION" in failed.stdout, failed.stdout
+
+    other = {**baseline, "device_class": "h100"}
+    (tmp_path / "h100.json").write_text(json.dumps(other))
+    refused = _gate(str(out), "--baseline", str(tmp_path / "h100.json"))
+    assert refused.returncode == 2 and "measured on 'cpu', the baseline on 'h100'" in refused.stderr
+
+
+def test_allreduce_and_scaling_on_paper(tmp_path):
+    """bench_allreduce under the deepspeed launcher (two ranks, gloo), then scaling.py from it
+    and a measured step; the ZeRO stages order as the model says they must."""
+    ar = tmp_path / "ar.json"
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    proc = subprocess.run(
+        [
+            *launcher,
+            "benchmarks/bench_allreduce.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(ar),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(ar.read_text())
+    assert measured["environment"]["world_size"] == 2
+    for sizes in measured["sizes"].values():
+        assert sizes["all_reduce"]["busbw_gbps"] > 0
+    step = {
+        "environment": {"device_name": "test"},
+        "settings": {"steps": 2, "rounds": 1},
+        "models": {
+            "large": {
+                "grad_accum": 4,
+                "parameters": 340_524_935,
+                "providers": {"fast": {"step_ms": 100.0, "rounds": [{"tokens": 49152}]}},
+            }
+        },
+    }
+    (tmp_path / "e2e.json").write_text(json.dumps(step))
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/scaling.py",
+            "--e2e",
+            str(tmp_path / "e2e.json"),
+            "--allreduce",
+            str(ar),
+            "--allreduce-inter",
+            str(ar),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["models"]["large"]["rows"]
+    assert [(r["gpus"], r["zero"]) for r in rows] == [
+        (n, z) for n in (8, 64, 512) for z in (1, 2, 3)
+    ]
+    for n in (8, 64, 512):
+        comm = [r["comm_ms"] for r in rows if r["gpus"] == n]
+        assert comm[0] < comm[1] < comm[2]  # accumulation 4: ZeRO-2 and -3 move more per step
+    for r in rows:
+        assert r["network"].startswith("measured") and r["overlapped_ms"] <= r["serial_ms"]
+        assert r["tokens_per_s_overlapped"] <= r["gpus"] * 49152 / 2 / 0.1 + 1e-6
