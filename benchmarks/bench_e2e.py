@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from common import REPO_ROOT, command_line, device_class, environment, save_result
 from workload import (
+    BUCKET_PAIRS,
     MAX_EXAMPLE_TOKENS,
     BatchShape,
     encoder_matmul_params,
@@ -173,11 +174,18 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; CPU 1)")
     p.add_argument("--rounds", type=int, help="rounds of interleaved providers (default 1; CPU 3)")
     p.add_argument("--batches", type=int, default=4, help="distinct batches per task (default 4)")
-    p.add_argument("--order", choices=("bucketed", "random"), default="bucketed")
+    p.add_argument(
+        "--order",
+        choices=("bucketed", "random"),
+        help="batch order: bucketed (the authors' sampler, the default) or random (the default of "
+        "--quick and --gate: no pool of 8192 pairs to generate)",
+    )
     p.add_argument("--varlen-dropout", choices=("keep", "drop"), default="keep")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast model's layers")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 step, 1 round, 1 batch")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 step, 1 round, 1 batch, random order"
+    )
     p.add_argument(
         "--gate",
         action="store_true",
@@ -191,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     cuda = device.type == "cuda"
-    order = a.order
+    order = a.order or ("random" if a.quick or a.gate else "bucketed")
     if a.gate:
         if cuda:
             p.error("--gate is the CPU gate's run; on a GPU run the benchmark as it is")
@@ -695,7 +703,9 @@ def bench_model(model_name: str, s: Settings, peak: dict) -> dict:
     tokens_per_batch, accum = recipe_budget(model_name, s)
     optim = OptimConfig(lr=5e-5, warmup_steps=10, grad_accum=accum)
     tasks = tuple(DEFAULT_MIX)
-    pairs, negatives = make_pairs(pairs_needed(s.batches, tokens_per_batch), 1, s.seed)
+    # Bucketed batches need a whole pool of the authors' size to sort, as their sampler has.
+    min_pairs = BUCKET_PAIRS if s.order == "bucketed" else 1
+    pairs, negatives = make_pairs(pairs_needed(s.batches, tokens_per_batch), min_pairs, s.seed)
     examples = {
         task: fill_task_batches(
             task,
