@@ -82,6 +82,15 @@ def test_deepspeed_config_is_completed_from_the_recipe():
     # The JSON's own values win, and the log says so.
     cfg, notes = _ds({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 6})
     assert cfg["gradient_accumulation_steps"] == 6 and "optim.grad_accum 3 is not used" in notes[0]
+    # The precision sections keep the JSON's other options (bf16's overflow check, say).
+    bf16 = {
+        "zero_optimization": {"stage": 1},
+        "bf16": {"enabled": True, "check_grad_overflow": False},
+    }
+    cfg, _ = _ds(bf16, device=torch.device("cuda"))
+    assert cfg["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    cfg, _ = _ds(bf16, precision="fp32")
+    assert cfg["bf16"] == {"enabled": False, "check_grad_overflow": False}
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])

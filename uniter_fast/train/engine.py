@@ -228,7 +228,7 @@ def build_deepspeed_config(
         notes.append(f"precision {chosen} (the recipe overrides {in_json} in {source})")
     if chosen == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device (use fp32 or bf16 on the CPU)")
-    cfg["bf16"] = {"enabled": chosen == "bf16"}
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": chosen == "bf16"}  # keep its other options
     fp16 = {**FP16_DYNAMIC, **cfg.get("fp16", {})} if chosen == "fp16" else {}
     cfg["fp16"] = {**fp16, "enabled": chosen == "fp16"}
     cfg.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs; DeepSpeed stays quiet
