@@ -153,3 +153,28 @@ def test_fast_step_has_no_host_sync_on_cuda():
     with forbid_host_sync(device):
         _, norm = run_step()
     assert torch.isfinite(norm).item()
+
+
+def test_engine_micro_batches_between_optimizer_steps_never_wait_for_the_host(rng):
+    """The trainer's hot path under DeepSpeed: the forward, backward and engine step of a
+    micro-batch that does not end an optimizer step. (DeepSpeed's optimizer step itself reads
+    its overflow flag and the gradient norm on the host, once per step: benchmarks/NOTES.md.)"""
+    from uniter_fast.train.engine import Engine, build_deepspeed_config, init_distributed
+
+    init_distributed(torch.device("cpu"))
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, grad_accum=2)
+    cfg, _ = build_deepspeed_config(
+        {"zero_optimization": {"stage": 1}},
+        optim=optim,
+        precision="bf16",
+        device=torch.device("cpu"),
+    )
+    model = uf.UniterForPretraining(TINY)
+    engine = Engine(model, optim, total_steps=100, deepspeed_config=cfg, device=torch.device("cpu"))
+    for task in ("mlm", "itm"):
+        batch = _batch(rng, task)
+        with forbid_host_sync("cpu"):
+            engine.backward(engine(batch, task)["loss"])
+            assert engine.step(1) is None  # not the accumulation boundary
+        engine.backward(engine(batch, task)["loss"])
+        assert engine.step(1).applied
