@@ -729,7 +729,10 @@ def bench_model(model_name: str, s: Settings, peak: dict) -> dict:
     )
 
     torch.manual_seed(s.seed)
-    weights = uf.UniterForPretraining(config).state_dict()
+    initial = uf.UniterForPretraining(config)
+    weights = initial.state_dict()
+    n_params = sum(p.numel() for p in initial.parameters())  # tied weights once
+    del initial
     providers, skipped = {}, {}
     for name in s.providers:
         why = unavailable(name)
@@ -774,7 +777,6 @@ def bench_model(model_name: str, s: Settings, peak: dict) -> dict:
     # Tokens, pairs and FLOPs of the timed micro-batches (visualbert: the MLM batches it ran).
     def counted(name: str, plan) -> dict:
         out = {"tokens": 0, "pairs": 0, "flops": 0, "flops_6n": 0, "micro_batches": 0}
-        n_params = sum(p.numel() for p in uf.UniterForPretraining(config).parameters())
         for micro in plan:
             for task, k in micro:
                 t = "mlm" if name == "visualbert" else task
@@ -849,7 +851,6 @@ def bench_model(model_name: str, s: Settings, peak: dict) -> dict:
     gc.collect()
     if s.cuda:
         torch.cuda.empty_cache()
-    n_params = sum(p.numel() for p in uf.UniterForPretraining(config).parameters())
     return {
         "model_config": MODELS[model_name],
         "model": config.to_dict(),

@@ -29,6 +29,24 @@ def run_benchmark(script: str, *args: str, out: Path, timeout: int = 300) -> dic
     return result
 
 
+def check_plot(script: str, result: Path) -> None:
+    """The plot script draws the result, or says plainly that matplotlib is missing."""
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", str(result)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert proc.returncode == 1 and "matplotlib is not installed" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert result.with_suffix(".png").stat().st_size > 0
+
+
 def test_packed_vs_padded_quick_run(tmp_path):
     result = run_benchmark(
         "bench_packed_vs_padded.py", "--device", "cpu", "--quick", out=tmp_path / "result.json"
@@ -102,21 +120,7 @@ def test_masked_losses_quick_run(tmp_path):
             assert "TRITON_INTERPRET" in triton["skipped"]
         else:
             assert triton["interpreted"] and triton["forward_backward"]["median_ms"] > 0
-    # The plot script draws the result, or says plainly that matplotlib is missing.
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/plot_masked_losses.py", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert proc.returncode == 1 and "matplotlib is not installed" in proc.stderr
-    else:
-        assert proc.returncode == 0, proc.stderr
-        assert out.with_suffix(".png").stat().st_size > 0
+    check_plot("plot_masked_losses.py", out)
 
 
 def _gate(*args: str) -> subprocess.CompletedProcess:
@@ -158,20 +162,7 @@ def test_e2e_quick_run_records_every_provider(tmp_path):
         v >= 6 * model["encoder_matmul_params"]
         for v in model["useful_flops_per_real_token"].values()
     )
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/plot_e2e.py", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert proc.returncode == 1 and "matplotlib is not installed" in proc.stderr
-    else:
-        assert proc.returncode == 0, proc.stderr
-        assert out.with_suffix(".png").stat().st_size > 0
+    check_plot("plot_e2e.py", out)
 
 
 def test_e2e_gate_passes_the_cpu_baseline_and_fails_a_higher_one(tmp_path):

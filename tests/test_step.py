@@ -10,6 +10,7 @@ the Triton kernels (interpreted here), so no host sync hides in the step. On a G
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,14 +128,18 @@ def test_model_forward_and_backward_never_wait_for_the_host(rng, task, kernels):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fast_step_has_no_host_sync_on_cuda():
+@pytest.mark.parametrize("varlen_dropout", ["keep", "drop"])
+def test_fast_step_has_no_host_sync_on_cuda(varlen_dropout):
     """Copy in, forward, backward, clip and fused AdamW under torch's sync debug mode ("error"):
-    bf16 autocast, the fused kernels and the varlen attention backend, every task."""
+    bf16 autocast, the fused kernels and the attention backend "auto" picks (training on SDPA's
+    padded view with "keep", on the varlen kernel with "drop"), every task."""
     device = torch.device("cuda")
     rng = np.random.default_rng(0)
-    config = uf.UniterConfig.from_json("configs/model/uniter-tiny.json")
+    config = uf.UniterConfig.from_json(
+        Path(__file__).parent.parent / "configs/model/uniter-tiny.json"
+    )
     model = uf.UniterForPretraining(config).to(device)
-    model.set_attention("auto", device, "drop", dtype=torch.bfloat16)
+    model.set_attention("auto", device, varlen_dropout, dtype=torch.bfloat16)
     step = TorchStep(model, OptimConfig(lr=1e-4), total_steps=100, device=device)
     sizes = [
         (int(t), int(n))
