@@ -87,8 +87,10 @@ class _SyncWatch(TorchDispatchMode):
         reason = None
         if name in _SYNCING_OPS and self._watched(inputs):
             reason = f"aten.{name} reads a {self.device_type} value on the host"
-        elif name in ("index", "index_put", "index_put_") and any(
-            t.dtype == torch.bool for t in _tensors(args[1:2])
+        elif (
+            name in ("index", "index_put", "index_put_")
+            and self._watched(inputs)
+            and any(t.dtype == torch.bool for t in _tensors(args[1:2]))
         ):
             reason = f"aten.{name} with a boolean mask (its output size is read on the host)"
         elif name == "repeat_interleave" and kwargs.get("output_size") is None:
