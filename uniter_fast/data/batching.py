@@ -240,23 +240,19 @@ def _fill_padded(lens, groups, max_tokens, size_multiple, batches) -> list[int]:
     max_len = 0
     batch_indices: list[int] = []
     for indices in groups:
-        max_len = max(max_len, max(lens[i] for i in indices))  # never reset: see module doc
+        group_max = max(lens[i] for i in indices)
+        max_len = max(max_len, group_max)  # never reset: see module doc
         if max_len * (len(batch_indices) + size_multiple) > max_tokens:
-            if not batch_indices:
+            # The reference starts the next batch with this group unchecked; sorted longest
+            # first it always fits, unsorted (sort_by_length=False) it may not: refuse that too.
+            if not batch_indices or group_max * size_multiple > max_tokens:
+                too_long = group_max if batch_indices else max_len
                 raise ValueError(
                     f"bucketing: max_tokens {max_tokens} cannot hold {size_multiple} samples of "
-                    f"length {max_len} (max_tokens too small / max_seq_len too long)"
+                    f"length {too_long} (max_tokens too small / max_seq_len too long)"
                 )
             batches.append(batch_indices)
             batch_indices = list(indices)
-            # The reference starts the next batch with this group unchecked; sorted longest
-            # first, it always fits. Unsorted (sort_by_length=False) it may not: refuse.
-            longest = max(lens[i] for i in indices)
-            if longest * size_multiple > max_tokens:
-                raise ValueError(
-                    f"bucketing: max_tokens {max_tokens} cannot hold {size_multiple} samples of "
-                    f"length {longest} (max_tokens too small / max_seq_len too long)"
-                )
         else:
             batch_indices.extend(indices)
     return batch_indices
