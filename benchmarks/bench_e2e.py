@@ -308,14 +308,22 @@ def _from_step(name, step: TorchStep, collate, to_device, describe, losses) -> P
     )
 
 
-def _ours(
-    config: UniterConfig, s: Settings, *, kernels: str, attention: str
-) -> uf.UniterForPretraining:
+def _ours(config: UniterConfig, s: Settings, weights, *, kernels: str, attention: str):
+    """Our model with the shared initial weights, on the device, attention resolved for bf16."""
     model = uf.UniterForPretraining(config, kernels=kernels, attention=attention)
+    model.load_state_dict(weights)
     model.to(s.device).train()
     dtype = torch.bfloat16 if s.cuda else None
     model.set_attention(attention, s.device, s.varlen_dropout, dtype=dtype)
     return model
+
+
+def _our_io(s: Settings) -> tuple[Callable, Callable]:
+    """Our providers' collate (the C++ packer, pinned on CUDA) and device copy."""
+    return (
+        lambda ex, task: _pin(uf.data.collate(ex, task), s.cuda),
+        lambda b: b.to(s.device, non_blocking=True),
+    )
 
 
 def _compile_layers(model: uf.UniterForPretraining) -> None:
@@ -327,46 +335,25 @@ def _compile_layers(model: uf.UniterForPretraining) -> None:
             block.compile(dynamic=True)
 
 
-def make_fast(config, optim, s: Settings, weights) -> Provider:
-    model = _ours(config, s, kernels="auto", attention="auto")
-    model.load_state_dict(weights)
-    if s.compile:
-        _compile_layers(model)
-    step = _torch_step(model, optim, s, reference_loops=False)
-    choice = model.attention_choice
-    return _from_step(
-        "fast",
-        step,
-        lambda ex, task: _pin(uf.data.collate(ex, task), s.cuda),
-        lambda b: b.to(s.device, non_blocking=True),
-        {
+def _make_ours(name: str, kernels: str, attention: str):
+    """fast (kernels auto, attention auto, --compile) or plain (reference ops, padded SDPA):
+    one model, one TorchStep; the model itself gives the fp32 losses of the check."""
+
+    def make(config, optim, s: Settings, weights) -> Provider:
+        model = _ours(config, s, weights, kernels=kernels, attention=attention)
+        compiled = s.compile and name == "fast"
+        if compiled:
+            _compile_layers(model)
+        step = _torch_step(model, optim, s, reference_loops=False)
+        choice = model.attention_choice
+        describe = {
             "attention": choice.describe() if choice else None,
-            "kernels": describe_kernels("auto", s.device),
-            "compiled_layers": s.compile,
-        },
-        _our_losses(model),
-    )
+            "kernels": describe_kernels(kernels, s.device),
+            "compiled_layers": compiled,
+        }
+        return _from_step(name, step, *_our_io(s), describe, model)
 
-
-def make_plain(config, optim, s: Settings, weights) -> Provider:
-    model = _ours(config, s, kernels="reference", attention="sdpa")
-    model.load_state_dict(weights)
-    step = _torch_step(model, optim, s, reference_loops=False)
-    return _from_step(
-        "plain",
-        step,
-        lambda ex, task: _pin(uf.data.collate(ex, task), s.cuda),
-        lambda b: b.to(s.device, non_blocking=True),
-        {"attention": model.attention_choice.describe(), "kernels": "reference"},
-        _our_losses(model),
-    )
-
-
-def _our_losses(model):
-    def losses(batch, task):
-        return model(batch, task)
-
-    return losses
+    return make
 
 
 def make_authors(config, optim, s: Settings, weights) -> Provider:
@@ -394,8 +381,7 @@ def make_fast_deepspeed(config, optim, s: Settings, weights) -> Provider:
     from uniter_fast.train.engine import Engine, build_deepspeed_config, init_distributed
 
     init_distributed(s.device)
-    model = _ours(config, s, kernels="auto", attention="auto")
-    model.load_state_dict(weights)
+    model = _ours(config, s, weights, kernels="auto", attention="auto")
     ds_config, _ = build_deepspeed_config(
         {"zero_optimization": {"stage": 1}},
         optim=optim,
@@ -425,8 +411,8 @@ def make_fast_deepspeed(config, optim, s: Settings, weights) -> Provider:
     return Provider(
         name="fast_deepspeed",
         model=engine.module,
-        collate=lambda ex, task: _pin(uf.data.collate(ex, task), s.cuda),
-        to_device=lambda b: b.to(s.device, non_blocking=True),
+        collate=_our_io(s)[0],
+        to_device=_our_io(s)[1],
         forward=lambda batch, task: engine(batch, task),
         backward=backward,
         step=step,
@@ -503,9 +489,9 @@ def visualbert_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 MAKERS = {
-    "fast": make_fast,
+    "fast": _make_ours("fast", kernels="auto", attention="auto"),
     "fast_deepspeed": make_fast_deepspeed,
-    "plain": make_plain,
+    "plain": _make_ours("plain", kernels="reference", attention="sdpa"),
     "authors": make_authors,
     "visualbert": make_visualbert,
 }
@@ -633,12 +619,13 @@ class Phases:
         return out
 
 
-def run_steps(p: Provider, plan, host, device_batches, s: Settings, phases: Phases | None) -> None:
-    """Optimizer steps over `plan` (a list of steps, each a list of (task, batch index))."""
+def run_steps(p: Provider, plan, host, phases: Phases | None) -> None:
+    """Optimizer steps over `plan` (a list of steps, each a list of (task, batch index)) on the
+    provider's pre-collated host batches `host[p.name][task][k]`."""
     for micro in plan:
         for task, k in micro:
             t0 = time.perf_counter()
-            batch = device_batches(p, task, k)
+            batch = p.to_device(host[p.name][task][k])
             t1 = time.perf_counter()
             e0 = phases.mark() if phases else None
             out = p.forward(batch, task)
@@ -658,9 +645,6 @@ def run_steps(p: Provider, plan, host, device_batches, s: Settings, phases: Phas
 def time_provider(p: Provider, plan, host, s: Settings) -> dict:
     """One timed block of `plan` for provider `p`: wall time, phase totals, peak memory."""
 
-    def device_batches(p, task, k):
-        return p.to_device(host[p.name][task][k])
-
     gc.collect()
     baseline = 0
     if s.cuda:
@@ -670,7 +654,7 @@ def time_provider(p: Provider, plan, host, s: Settings) -> dict:
     phases = Phases(s)
     _sync(s)
     t0 = time.perf_counter()
-    run_steps(p, plan, host, device_batches, s, phases)
+    run_steps(p, plan, host, phases)
     _sync(s)
     wall = time.perf_counter() - t0
     memory = {}
@@ -761,7 +745,7 @@ def bench_model(model_name: str, s: Settings, peak: dict) -> dict:
 
     plan_warm, cursor = build_plan(task_seq, s.warmup, accum, s.batches, 0)
     for p in providers.values():
-        run_steps(p, plan_warm, host, lambda p, t, k: p.to_device(host[p.name][t][k]), s, None)
+        run_steps(p, plan_warm, host, None)
     _sync(s)
     blocks = {name: [] for name in providers}
     plans = []
