@@ -11,7 +11,8 @@ A baseline (`benchmarks/baselines/<device class>.json`) names figures of a resul
 in its JSON (`models.base.providers.fast.tokens_per_s`), each with the value it had, whether
 higher or lower is better, and the fraction it may get worse by (the baseline's `tolerance`,
 unless the figure sets its own). The check fails when any figure got worse by more than that,
-when a figure is missing from the result, or when the result is another device class's.
+or when a figure is missing from the result; it refuses a result of another device class, or of
+another kind of run (`--quick`, `--gate` or full) than the baseline was made from.
 
 Two kinds of baseline, written by `--write-baseline` from one result or several (each figure
 then the median over them, which is what a baseline of a noisy machine should hold):
@@ -23,7 +24,7 @@ then the median over them, which is what a baseline of a noisy machine should ho
   (lower is better). Default tolerance 0.05; a GPU is not shared, so its figures repeat closely.
 
 Exit status: 0 every figure within tolerance; 1 a regression (or a figure missing); 2 the inputs
-cannot be compared (unreadable file, another benchmark, another device class).
+cannot be compared (unreadable file, another benchmark, another device class or kind of run).
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ def lookup(result: dict, path: str):
     return node
 
 
+def run_kind(result: dict) -> str:
+    """Which bench_e2e run made a result: "quick" (a smoke run), "gate" (the CPU gate's run) or
+    "full". Figures of different kinds measure different things (a quick run's single step says
+    nothing about a gate's five interleaved rounds), so they are never compared."""
+    settings = result.get("settings", {})
+    return "quick" if settings.get("quick") else "gate" if settings.get("gate") else "full"
+
+
 def figures_of(result: dict, mode: str) -> dict[str, dict]:
     """The figures a baseline of `mode` records from a bench_e2e result."""
     figures = {}
@@ -108,6 +117,9 @@ def write_baseline(
     classes = {r["environment"]["device_class"] for r in results}
     if len(classes) != 1:
         raise GateError(f"the results come from several device classes: {sorted(classes)}")
+    kinds = {run_kind(r) for r in results}
+    if len(kinds) != 1:
+        raise GateError(f"the results come from several kinds of run: {sorted(kinds)}")
     env = results[0]["environment"]
     mode = "ratios" if env["device_class"] == "cpu" else "absolute"
     per_result = [figures_of(r, mode) for r in results]
@@ -124,6 +136,7 @@ def write_baseline(
     baseline = {
         "benchmark": results[0]["benchmark"],
         "device_class": env["device_class"],
+        "run": kinds.pop(),
         "mode": mode,
         "tolerance": DEFAULT_TOLERANCE[mode] if tolerance is None else tolerance,
         "source": [
@@ -159,6 +172,14 @@ def compare(result: dict, baseline: dict, tolerance: float | None = None) -> lis
             f"the result was measured on {got_class!r}, the baseline on "
             f"{baseline.get('device_class')!r}: compare figures of one device class (write a "
             "baseline for this one with --write-baseline)"
+        )
+    want_kind, got_kind = baseline.get("run"), run_kind(result)
+    if want_kind is not None and got_kind != want_kind:
+        flags = {"quick": "--quick", "gate": "--gate", "full": "neither --quick nor --gate"}
+        raise GateError(
+            f"the result is a {got_kind!r} run of bench_e2e.py, the baseline was made from "
+            f"{want_kind!r} runs: compare a run made with {flags[want_kind]}, or write a "
+            "baseline for this kind with --write-baseline"
         )
     rows = []
     for path, spec in baseline["figures"].items():

@@ -114,3 +114,20 @@ def test_results_of_another_device_class_or_benchmark_are_refused():
         gate.write_baseline(
             [_result("cpu"), _result("h100")], [Path("a"), Path("b")], Path("x"), None
         )
+
+
+def test_results_of_another_kind_of_run_are_refused(tmp_path):
+    """A --quick smoke result is not held to (or taken for) the --gate baseline."""
+    gate_run, quick_run = _result(), _result()
+    gate_run["settings"] = {"gate": True, "quick": False}
+    quick_run["settings"] = {"gate": False, "quick": True}
+    baseline = gate.write_baseline([gate_run], [Path("g.json")], tmp_path / "b.json", None)
+    assert baseline["run"] == "gate"
+    assert all(r["ok"] for r in gate.compare(gate_run, baseline))
+    with pytest.raises(gate.GateError, match="'quick' run of bench_e2e.py.*made from 'gate' runs"):
+        gate.compare(quick_run, baseline)
+    with pytest.raises(gate.GateError, match="several kinds of run"):
+        gate.write_baseline([gate_run, quick_run], [Path("a"), Path("b")], Path("x"), None)
+    # The committed CPU baseline was made from --gate runs and says so.
+    committed = gate._read(gate.BASELINES / "cpu.json", "baseline")
+    assert committed["run"] == "gate"
