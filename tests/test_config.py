@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -135,3 +136,42 @@ def test_run_config_validation(tmp_path):
     broken.write_text("optim: [1, 2")
     with pytest.raises(ValueError, match="broken.yaml: not valid YAML"):
         RunConfig.from_file(broken)
+
+
+def test_recipe_numbers_may_be_numeric_strings(tmp_path):
+    """PyYAML reads `1e-3` (no dot) and quoted numbers as strings: a number is meant, taken."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        'max_steps: "20"\nlog_every: 2.0e1\noptim: {lr: 1e-3, betas: ["0.9", 0.98]}\n'
+        "data: {tokens_per_batch: 1e3, max_bad_fraction: 5e-2, val: v.tar}\n"
+    )
+    cfg = RunConfig.from_file(recipe)
+    assert (cfg.max_steps, cfg.log_every, cfg.data.tokens_per_batch) == (20, 20, 1000)
+    assert all(isinstance(v, int) for v in (cfg.max_steps, cfg.log_every))
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.9, 0.98)
+    assert cfg.data.max_bad_fraction == 0.05 and cfg.data.val == ["v.tar"]
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("max_steps: ten", "max_steps: expected an integer, got 'ten' (str)"),
+        ("max_steps: 2.5", "max_steps: expected an integer, got 2.5 (float)"),
+        ("max_steps: true", "max_steps: expected an integer, got True (bool)"),
+        ("optim: {lr: fast}", "optim.lr: expected a number, got 'fast' (str)"),
+        ("optim: {betas: [0.9]}", r"optim.betas: expected a list of 2 numbers, got [0.9]"),
+        ("resume: maybe", "resume: expected true or false, got 'maybe' (str)"),
+        ("model_config: 5", "model_config: expected a string, got 5 (int)"),
+        ("data: {val: [1]}", "data.val[0]: expected a string, got 1 (int)"),
+        (
+            "data: {train: [{name: coco, shards: x.tar, mix: {itm: lots}}]}",
+            "data.train[coco].mix.itm: expected a number, got 'lots'",
+        ),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_name_key_value_and_type(recipe, message, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        RunConfig.from_file(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 import os
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +227,9 @@ class DataConfig:
     num_workers: DataLoader worker processes per rank building batches (0: the training process);
     max_bad_fraction: the run stops when more than this fraction of the samples read were bad
         (bad samples are always skipped, counted by reason and shard, and logged);
+    bad_check_min_samples: the limit is applied only once a rank has read this many samples,
+        so that one early bad sample in a healthy corpus does not stop a run (the summary says
+        when the fraction was over the limit on fewer samples, so never checked);
     synthetic_images / synthetic_val_images: sizes of the synthetic splits."""
 
     train: list[DatasetConfig] = dataclasses.field(default_factory=list)
@@ -235,13 +240,16 @@ class DataConfig:
     length_buckets: bool = False
     num_workers: int = 0
     max_bad_fraction: float = 0.01
+    bad_check_min_samples: int = 1000
     synthetic_images: int = 600
     synthetic_val_images: int = 120
 
     def __post_init__(self) -> None:
         self.train = [
-            d if isinstance(d, DatasetConfig) else _build(DatasetConfig, d, "data.train[]")
-            for d in self.train
+            d
+            if isinstance(d, DatasetConfig)
+            else _build(DatasetConfig, d, f"data.train[{_label(d, i)}]")
+            for i, d in enumerate(self.train)
         ]
         if isinstance(self.val, str):
             self.val = [self.val]
@@ -255,6 +263,10 @@ class DataConfig:
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(
                 f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}"
+            )
+        if self.bad_check_min_samples < 0:
+            raise ValueError(
+                f"data.bad_check_min_samples must be >= 0, got {self.bad_check_min_samples}"
             )
         if self.synthetic_val_images < 0:
             raise ValueError("data.synthetic_val_images must be non-negative")
@@ -306,7 +318,10 @@ class RunConfig:
     wra_weight: the reference's itm_ot_lambda; log_every / save_every / val_every: in optimizer
     steps (0 = only at the end); keep_checkpoints: complete checkpoints kept (0: all);
     resume: a run whose output folder holds checkpoints resumes from the newest complete one
-    (False: such a folder is refused); init_checkpoint: weights to start from (any layout);
+    (False: such a folder is refused); reschedule: a resume whose schedule settings (max_steps,
+    optim.lr, optim.warmup_steps) or AdamW settings (betas, eps, weight_decay) differ from the
+    checkpoint's is refused unless this is set, which rebuilds the schedule from this recipe at
+    the checkpoint's step (logged); init_checkpoint: weights to start from (any layout);
     attention: "auto" (flash-attn's varlen kernel when installed on CUDA, else PyTorch's varlen
     attention on CUDA, else SDPA on a padded view), "flash", "varlen", "sdpa" or "eager";
     varlen_dropout: PyTorch's varlen attention has no attention dropout: "keep" (the recipe's
@@ -332,6 +347,7 @@ class RunConfig:
     val_every: int = 0
     keep_checkpoints: int = 3
     resume: bool = True
+    reschedule: bool = False
     init_checkpoint: str | None = None
     deepspeed_config: str | None = None
     kernels: str = "auto"
@@ -398,13 +414,99 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _label(values: Any, index: int) -> Any:
+    """How errors name a list item of a recipe: its `name` when it has one, else its index."""
+    return values.get("name", index) if isinstance(values, dict) else index
+
+
 def _build(cls, values: Any, where: str):
-    """Construct a config dataclass from a mapping; unknown keys raise ValueError naming them."""
+    """Construct a config dataclass from a mapping (a recipe's section).
+
+    Unknown keys raise ValueError naming them; every value is checked against its field's type
+    (`_typed`), so that a bad one is refused here, naming the key, rather than failing later in
+    an unrelated comparison.
+    """
     if not isinstance(values, dict):
         raise ValueError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    prefix = f"{where}." if where else ""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        prefix = f"{where}." if where else ""
         raise ValueError(f"unknown config keys: {', '.join(prefix + k for k in unknown)}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _typed(v, hints[k], prefix + k) for k, v in values.items()})
+
+
+def _number(value: Any) -> float | None:
+    """A recipe's number: an int or float, or a numeric string (PyYAML reads `1e-3`, which has
+    no dot, as a string); None for anything else. Booleans are not numbers here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the field type `hint` wants it, or ValueError naming the key, value and type.
+
+    Numbers may come as numeric strings (`lr: 1e-3`, `max_steps: "20"`); an integer field takes
+    a whole number in any of those forms (`max_steps: 2.0e5`). Nested config sections are
+    checked by their own `_build`.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _typed(value, hint, key)
+    if dataclasses.is_dataclass(hint):
+        return value  # a section: its own _build checks it
+
+    def refuse(expected: str):
+        return ValueError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise refuse("true or false")
+        return value
+    if hint is int:
+        number = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if number is None:
+            number = _number(value)
+            if number is None or not number.is_integer():
+                raise refuse("an integer")
+        return int(number)
+    if hint is float:
+        number = _number(value)
+        if number is None:
+            raise refuse("a number")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise refuse("a string")
+        return value
+    if origin is tuple:  # betas: a fixed number of numbers
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise refuse(f"a list of {len(args)} numbers")
+        return tuple(
+            _typed(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if origin is list:
+        (item,) = args
+        if item is str and isinstance(value, str):
+            return value  # one pattern for a list of patterns
+        if not isinstance(value, (list, tuple)):
+            raise refuse("a list")
+        return [_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise refuse("a mapping")
+        _, item = args
+        return {k: _typed(v, item, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"{key}: no type check for the annotation {hint!r}")  # a new field type
