@@ -742,12 +742,12 @@ def list_shards(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         patterns = [patterns]
     patterns = [os.fspath(p) for p in patterns]
     if not patterns:
-        raise ValueError("list_shards: no shard patterns given")
+        raise ValueError("no shard patterns given")
     local: set[str] = set()
     remote: list[str] = []
     for pattern in patterns:
         if not pattern:
-            raise ValueError("list_shards: empty shard pattern")
+            raise ValueError("empty shard pattern")
         if _is_url(pattern):
             remote.extend(u for u in braceexpand(pattern) if u not in remote)
             continue
@@ -767,7 +767,7 @@ def list_shards(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> li
                 what = f"no such shard {item!r}"
             if not found:
                 source = "" if item == pattern else f" (from pattern {pattern!r})"
-                raise FileNotFoundError(f"list_shards: {what}{source}")
+                raise FileNotFoundError(f"{what}{source}")
             local.update(os.path.normpath(p) for p in found)
     return sorted(local) + remote
 
