@@ -47,11 +47,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import RunError
 from ..tasks import NegativeImageSampler, TaskMixer, build_example
 from .batching import token_bucket_batches
-from .collate import collate
+from .collate import Allocator, collate
+from .handover import (
+    Returns,
+    SharedBuffers,
+    Ticket,
+    batch_from_layout,
+    flat_layout,
+    layout_end,
+    release_table,
+)
 from .schema import BERT_BASE_CASED, Batch, Vocab
 from .shards import ImageRecord, ShardFormatError, iter_shard, list_shards
 
@@ -115,8 +126,12 @@ class StreamSettings:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
-class BadDataError(RuntimeError):
+class BadDataError(RunError, RuntimeError):
     """Too many bad samples: the run stops (the message names the worst shards)."""
+
+
+class DataStateError(RunError, ValueError):
+    """A saved data position that this loader (other shards, seed or settings) cannot restore."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +471,7 @@ class RoleStream:
         num_roles: int,
         task_stream: int | None = None,
         state: dict | None = None,
-        pack_into: str | None = None,
+        pack_into: str | Allocator | None = None,
     ) -> None:
         """task_stream: seeds the task mixer (default: the role); roles with equal task streams
         draw the same task sequence (the loader gives worker w of every rank task stream w)."""
@@ -528,16 +543,52 @@ class RoleStream:
 
 @dataclass
 class LoadedBatch:
-    """What a worker hands over: the batch, the role that made it, its state after, the counts."""
+    """What a worker hands over: the batch, the role that made it, its state after, the counts,
+    and which shared arena holds the batch (see `handover`).
+
+    ticket: the ring slot the batch was packed into (None: not from a ring). arena / layout:
+    set on the receiving side when the batch crossed as one buffer; the batch views the arena.
+    """
 
     task: str
     batch: Batch
     role: int
     state: dict
     stats: dict
+    ticket: Ticket | None = None
+    arena: torch.Tensor | None = None
+    layout: dict | None = None
+
+    def __reduce__(self):
+        flat = flat_layout(self.batch)
+        if flat is None:
+            return super().__reduce__()
+        arena, layout = flat  # one shared buffer crosses, not one per field
+        fields = (self.task, arena, layout, self.role, self.state, self.stats, self.ticket)
+        return (LoadedBatch._rebuild, fields)
+
+    @staticmethod
+    def _rebuild(task, arena, layout, role, state, stats, ticket) -> LoadedBatch:
+        batch = batch_from_layout(arena, layout)
+        return LoadedBatch(task, batch, role, state, stats, ticket, arena, layout)
 
     def pin_memory(self) -> LoadedBatch:  # DataLoader's pin thread calls this
-        return dataclasses.replace(self, batch=self.batch.pin_memory())
+        if self.layout is None:
+            return dataclasses.replace(self, batch=self.batch.pin_memory())
+        # One copy of the used part of the arena into one pinned block; the slot is free after.
+        pinned = self.arena[: layout_end(self.layout)].pin_memory()
+        batch = batch_from_layout(pinned, self.layout)
+        return dataclasses.replace(self, batch=batch, arena=None, layout=None)
+
+
+@dataclass
+class WorkerFailure:
+    """A worker's `RunError` (bad data past the limit, say), handed over like a batch so that
+    the training process raises it with its own message: the DataLoader would re-raise it
+    wrapped in the worker's traceback."""
+
+    role: int
+    error: RunError
 
 
 class PretrainData(IterableDataset):
@@ -556,18 +607,33 @@ class PretrainData(IterableDataset):
         world_size: int = 1,
         states: dict[int, dict] | None = None,
         first_role: int = 0,
+        release: torch.Tensor | None = None,
+        pin_in_process: bool = False,
     ) -> None:
+        """release: the ring's `release_table` (workers only; None: a fresh block per batch).
+        pin_in_process: without workers, pack straight into pinned memory."""
         self.sources = list(sources)
         self.settings = settings
         self.rank = rank
         self.world_size = world_size
         self.states = dict(states or {})
         self.first_role = first_role
+        self.release = release
+        self.pin_in_process = pin_in_process
 
     def __iter__(self) -> Iterator[LoadedBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         local = (worker + self.first_role) % workers
+        ring = None
+        if info is None:
+            pack_into = "pinned" if self.pin_in_process else None
+        elif self.release is None:
+            pack_into = "shared"
+        else:
+            # In a worker, pack straight into shared memory: the hand-over moves no bytes.
+            ring = SharedBuffers(self.release[worker], worker)
+            pack_into = ring.allocate
         stream = RoleStream(
             self.sources,
             self.settings,
@@ -575,13 +641,21 @@ class PretrainData(IterableDataset):
             num_roles=self.world_size * workers,
             task_stream=local,
             state=self.states.get(local),
-            # In a worker, pack straight into shared memory: the hand-over then moves no bytes.
-            pack_into="shared" if info else None,
+            pack_into=pack_into,
         )
         try:
             while True:
-                task, batch = next(stream)
-                yield LoadedBatch(task, batch, local, stream.state_dict(), stream.bad.take())
+                try:
+                    task, batch = next(stream)
+                except RunError as e:
+                    if info is None:
+                        raise
+                    yield WorkerFailure(local, e)
+                    return
+                ticket = ring.ticket if ring is not None else None
+                yield LoadedBatch(
+                    task, batch, local, stream.state_dict(), stream.bad.take(), ticket
+                )
         finally:
             stream.close()
 
@@ -664,7 +738,7 @@ class Loader:
                 if state["identity"].get(k) != v
             }
             if different:
-                raise ValueError(
+                raise DataStateError(
                     "the data state was written by a different loader setup, so the data "
                     f"position cannot be restored: {different} (saved, now)"
                 )
@@ -672,8 +746,15 @@ class Loader:
             first_role = int(state["next_role"])
             self.bad.merge(state["bad"])
         self.role_states: dict[int, dict] = dict(states)
+        self.one_off_buffers = 0  # batches a worker packed outside its ring (all slots lent)
         self.next_role = first_role
         self._logged = 0
+        # Workers pack into a ring of shared arenas that this process releases (handover.py);
+        # room for the DataLoader's prefetch, the pin thread's batch and the two the training
+        # loop holds (the current one and, until next() returns, the previous one).
+        self.ring_slots = 2 * prefetch_factor + 4
+        table = release_table(num_workers, self.ring_slots) if num_workers else None
+        self._returns = Returns(table) if num_workers else None
         dataset = PretrainData(
             sources,
             settings,
@@ -681,6 +762,8 @@ class Loader:
             world_size=world_size,
             states=states,
             first_role=first_role,
+            release=table,
+            pin_in_process=pin_memory and not num_workers,
         )
         if num_workers:
             self._loader = DataLoader(
@@ -690,17 +773,23 @@ class Loader:
                 pin_memory=pin_memory,
                 prefetch_factor=prefetch_factor,
             )
-            self._pin = False  # the DataLoader's pin thread does it
         else:
             self._loader = dataset
-            self._pin = pin_memory
         self._it = iter(self._loader)
 
     def __iter__(self) -> Loader:
         return self
 
     def __next__(self) -> tuple[str, Batch]:
-        item: LoadedBatch = next(self._it)
+        if self._returns is not None:
+            self._returns.release_unused()
+        item: LoadedBatch | WorkerFailure = next(self._it)
+        if isinstance(item, WorkerFailure):
+            raise item.error
+        if item.ticket is not None:
+            self._returns.hold(item.ticket, item.arena)
+        elif self._returns is not None:
+            self.one_off_buffers += 1
         self.role_states[item.role] = item.state
         self.next_role = (item.role + 1) % self.num_roles
         for message in self.bad.merge(item.stats):
@@ -710,8 +799,7 @@ class Loader:
             if self._logged == _MESSAGES_LOGGED:
                 log.warning("(further bad samples are counted, not logged one by one)")
         self.bad.check(self.settings.max_bad_fraction, self.settings.bad_check_min_samples)
-        batch = item.batch.pin_memory() if self._pin else item.batch
-        return item.task, batch
+        return item.task, item.batch
 
     def state_dict(self) -> dict:
         """JSON-serialisable: each role's stream state, the next role, the bad-sample counts."""
@@ -790,6 +878,7 @@ __all__ = [
     "MODES",
     "BadDataError",
     "BadSamples",
+    "DataStateError",
     "Loader",
     "LoadedBatch",
     "PretrainData",
