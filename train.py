@@ -1,4 +1,4 @@
-"""Pretrain UNITER.
+r"""Pretrain UNITER.
 
     python train.py            # CPU quick start: tiny model on synthetic shards it writes itself
     python train.py --config configs/pretrain/tiny-cpu.yaml --output-dir runs/tiny
@@ -19,6 +19,7 @@ a folder that already holds checkpoints resumes from the newest complete one (--
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from uniter_fast.config import DatasetConfig, RunConfig
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse an output folder that already holds checkpoints instead of resuming",
     )
+    p.add_argument(
+        "--reschedule",
+        action="store_true",
+        help="on a resume with another --max-steps, lr or warm-up than the checkpoint's, rebuild "
+        "the schedule from this recipe at the checkpoint's step (without it such a resume is "
+        "refused)",
+    )
     # The deepspeed launcher passes --local_rank=N (also in the environment, which is what we read)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -110,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             values[name] = getattr(args, name)
     if args.no_resume:
         values["resume"] = False
+    if args.reschedule:
+        values["reschedule"] = True
     for flag, key in (
         ("data_mode", "mode"),
         ("tokens_per_batch", "tokens_per_batch"),
@@ -133,10 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(run)
-    except FloatingPointError as e:  # a diverged run: the step and task say where, no traceback
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except (RunError, FloatingPointError) as e:
+        # Raised on purpose (bad data past the limit, a diverged loss naming its step and task):
+        # the message says it all, on every rank that raised it; a bug keeps its traceback.
+        print(f"train.py: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _rank_prefix() -> str:
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
 
 
 if __name__ == "__main__":

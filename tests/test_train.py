@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 import yaml
 
 import uniter_fast as uf
+from uniter_fast.config import RunConfig
 from uniter_fast.train.engine import fp32_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,12 +35,16 @@ SMALL_RUN = {
 
 
 def _train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    # As a user runs it: without the Triton interpreter that conftest switches on for the
+    # kernel tests (a run would take it for a way to run --kernels triton on the CPU).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
         [sys.executable, "train.py", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -64,6 +71,7 @@ def test_metrics_jsonl(small_run):
     assert itm and all({"itm", "wra", "wra_pos", "wra_neg"} <= set(r) for r in itm)
     val_rows = [r for r in rows if "itm_acc" in r]
     assert [r["step"] for r in val_rows] == [8, 12]
+    assert all(r["split"] == "val" for r in val_rows)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -117,6 +125,9 @@ def test_logs_and_summary(small_run):
         (["--device", "tpu"], "device must be"),
         (["--deepspeed-config", "missing.json"], "deepspeed config not found: missing.json"),
         (["--data-mode", "sequential"], "invalid choice: 'sequential'"),
+        # Checked before any work: no output folder, no synthetic shards, no traceback.
+        (["--attention", "flash"], "--attention flash: attention backend 'flash' cannot run"),
+        (["--kernels", "triton"], "--kernels triton cannot run on cpu here"),
         (
             ["--config", "configs/pretrain/uniter-base.yaml"],
             "the recipe leaves these data paths for you to set: data.train[coco].shards",
@@ -129,6 +140,25 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("train.py: error:") and message in lines[0], lines[0]
+    assert "list_shards" not in lines[0]  # the user's words, not a function's name
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("max_steps: ten\n", "max_steps: expected an integer, got 'ten' (str)"),
+        ("optim: {lr: fast}\n", "optim.lr: expected a number, got 'fast' (str)"),
+        ("data: {num_workers: 1.5}\n", "data.num_workers: expected an integer, got 1.5"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_are_one_line(recipe, message, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    proc = _train("--config", str(path), "--output-dir", str(tmp_path / "run"), timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert str(path) in lines[0] and message in lines[0], lines[0]
 
 
 def test_no_resume_refuses_a_folder_with_checkpoints(small_run):
@@ -137,14 +167,93 @@ def test_no_resume_refuses_a_folder_with_checkpoints(small_run):
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
 
-def test_a_finished_run_resumes_to_its_end(small_run):
-    """Pointed at a folder with checkpoints, train.py resumes; at max_steps nothing is left."""
+def test_a_finished_run_does_nothing(small_run):
+    """Run again on a folder at max_steps, train.py says so and writes nothing: no second
+    validation row, no new recipe, the summary (and its time and speed) as it was."""
     out, _ = small_run
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "summary.json")}
     proc = _train("--output-dir", str(out), "--config", str(out / "config.yaml"), timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr and "step-000012 at step 12" in proc.stderr
+    assert "is already at max_steps (12" in proc.stderr and "nothing to do" in proc.stderr
+    assert "resumed from" not in proc.stderr
+    for name, data in before.items():
+        assert (out / name).read_bytes() == data, name
+    assert not list(out.glob("config-resume-*.yaml"))
+
+
+def test_the_recipe_on_disk_is_what_ran(small_run):
+    """config.yaml holds what "auto" became and the output folder, and repeats the run."""
+    out, _ = small_run
+    text = (out / "config.yaml").read_text()
+    assert text.startswith("# The recipe as this invocation of train.py ran it")
+    assert "# attention: sdpa padded" in text and "# loss kernels: reference" in text
+    cfg = RunConfig.from_file(out / "config.yaml")
+    assert (cfg.device, cfg.precision, cfg.attention, cfg.kernels) == (
+        "cpu",
+        "fp32",
+        "sdpa",
+        "reference",
+    )
+    assert cfg.output_dir == str(out) and cfg.max_steps == 12
+    assert cfg.optim.lr == SMALL_RUN["optim"]["lr"]
+
+
+def _copy_run(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def test_extending_a_run_needs_reschedule_and_then_trains_on_the_new_schedule(small_run, tmp_path):
+    """A resume with another max_steps would train at the old schedule's end (lr 1e-8): refused
+    in one line; with --reschedule the schedule is rebuilt over the new length, and logged."""
+    out = _copy_run(small_run[0], tmp_path)
+    recipe = str(out / "config.yaml")
+    proc = _train("--config", recipe, "--output-dir", str(out), "--max-steps", "16", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "max_steps 12 -> 16" in lines[0], lines
+    assert "--reschedule" in lines[0] and "step-000012" in lines[0]
+    assert not list(out.glob("config-resume-*.yaml"))  # refused before any work
+
+    proc = _train(
+        *("--config", recipe, "--output-dir", str(out), "--max-steps", "16"),
+        *("--reschedule", "--log-every", "1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--reschedule: the schedule and AdamW settings are rebuilt" in proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in rows if "task" in r}
+    base, warmup = SMALL_RUN["optim"]["lr"], SMALL_RUN["optim"]["warmup_steps"]
+    for step in (13, 14, 15):  # warm-up then linear decay over 16 steps, from step 1
+        assert lr[step] == pytest.approx(base * (16 - step) / (16 - warmup), rel=1e-6), step
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from_step"] == 12 and summary["steps"] == 12
+    assert summary["steps"] == 16 and summary["invocations"] == 2
+    now = summary["this_invocation"]
+    assert now["first_step"] == 13 and now["steps"] == 4 and now["tokens"] > 0
+    assert now["train_seconds"] < summary["train_seconds"]
+    assert "steps 13-16 in" in proc.stdout and "over 2 invocations" in proc.stdout
+    # The first invocation's recipe is kept; the resume's is beside it.
+    assert RunConfig.from_file(out / "config.yaml").max_steps == 12
+    resumed = RunConfig.from_file(out / "config-resume-1.yaml")
+    assert resumed.max_steps == 16 and resumed.reschedule
+    assert "at step 12" in (out / "config-resume-1.yaml").read_text().splitlines()[1]
+    # One final validation row per run end, none repeated.
+    val_steps = [r["step"] for r in rows if r.get("split") == "val"]
+    assert val_steps == [8, 12, 16]
+
+
+def test_a_resume_past_max_steps_is_refused(small_run, tmp_path):
+    out = _copy_run(small_run[0], tmp_path)
+    recipe = str(out / "config.yaml")
+    proc = _train("--config", recipe, "--output-dir", str(out), "--max-steps", "8", "--reschedule")
+    assert proc.returncode == 2
+    assert "is at step 12, past max_steps 8" in proc.stderr
+    # Resumed with other data settings (here the defaults), the data position cannot be kept.
+    proc = _train("--output-dir", str(out), "--max-steps", "12", "--reschedule", timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "data.tokens_per_batch 1024 -> 2048" in proc.stderr
+    assert f"its recipe: {out / 'config.yaml'}" in proc.stderr
 
 
 @pytest.mark.slow
@@ -161,3 +270,51 @@ def test_quick_start_learns(tmp_path):
     # Measured on this recipe: 0.85 (seed 42); 0.89 and 0.90 with seeds 1 and 7.
     assert val["itm_acc"] > 0.7, val
     assert val["mlm_acc"] > 0.2, val
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory) -> Path:
+    """Four shards of ten samples each, one of which has junk for features (10% bad)."""
+    from test_shards import make_record, raw_sample, write_tar
+
+    root = tmp_path_factory.mktemp("bad_corpus")
+    for shard in range(4):
+        members = {}
+        for i in range(10):
+            key = f"s{shard}_{i}"
+            raw = raw_sample(make_record(key, n=10 + i, seed=10 * shard + i, num_captions=2))
+            if i == 3:
+                raw["feat.npy"] = b"junk"
+            members.update({f"{key}.{m}": v for m, v in raw.items() if m != "__key__"})
+        write_tar(root / f"mixed-{shard:06d}.tar", members)
+    return root
+
+
+BAD_RUN = ["--max-steps", "3", "--tokens-per-batch", "600", "--data"]
+
+
+def test_bad_data_over_the_limit_ends_the_run_in_one_line(bad_corpus, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: {bad_check_min_samples: 10, block_images: 20}\n")
+    out = tmp_path / "run"
+    proc = _train("--config", str(recipe), *BAD_RUN, str(bad_corpus), "--output-dir", str(out))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
+    assert "samples read were bad" in line and "mixed-0000" in line, line
+
+
+def test_what_a_run_leaves_out_is_said(bad_corpus, tmp_path):
+    """No --val-data: said in the log and the summary. A bad fraction over the limit on fewer
+    samples than the limit waits for: said in the summary (the limit was never checked)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: {block_images: 20}\n")
+    out = tmp_path / "run"
+    proc = _train("--config", str(recipe), *BAD_RUN, str(bad_corpus), "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no validation data" in (out / "train.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["validation"] == {} and "no validation data" in summary["validation_note"]
+    note = summary["data"]["limit_note"]
+    assert "over max_bad_fraction 1.0%" in note and "bad_check_min_samples (1000)" in note, note
+    assert "validation: none" in proc.stdout and "never checked" in proc.stdout

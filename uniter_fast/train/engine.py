@@ -125,6 +125,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     finally:
         if saved is None:
             os.environ.pop("DS_ACCELERATOR", None)
+    if accelerator == "cpu":
+        _announce_cpu_op_build()
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=not group_of_one,
@@ -132,6 +134,26 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         **group_of_one,
     )
     return dist.get_rank(), dist.get_world_size()
+
+
+def _announce_cpu_op_build() -> None:
+    """One line before DeepSpeed's CPU accelerator compiles its shared-memory communication op,
+    which it does on the first run after an install (about 40 s on 2 cores, silent); later runs
+    load the build from torch's extensions folder."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    folder = Path(_get_build_directory(builder.name, verbose=False))
+    if not (folder / f"{builder.name}.so").is_file() and int(os.environ.get("RANK", 0)) == 0:
+        print(
+            f"DeepSpeed is compiling its CPU communication op {builder.name} into {folder}: once "
+            "after an install, about 40 s on 2 cores (later runs reuse it)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def barrier() -> None:
@@ -377,12 +399,38 @@ class Engine:
         self.ds.save_checkpoint(str(checkpoint_dir), tag=ENGINE_TAG, save_latest=False)
 
     def load(self, checkpoint_dir: Path) -> None:
-        """Collective: model, optimizer, scheduler, loss scaler and step counters."""
+        """Collective: model, optimizer, scheduler, loss scaler and step counters.
+
+        The schedule and AdamW's settings come back as they were saved (the scheduler's state
+        holds `Schedule`'s fields, the optimizer's its param groups); `set_schedule` replaces
+        them."""
         path, _ = self.ds.load_checkpoint(
             str(checkpoint_dir), tag=ENGINE_TAG, load_module_strict=True
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no engine state under {checkpoint_dir}")
+
+    def set_schedule(self, cfg: OptimConfig, total_steps: int) -> float:
+        """Rebuild the schedule over `total_steps` and AdamW's settings from `cfg`, at the step
+        the engine is at (a resumed run extended with `--reschedule`); returns the next lr.
+
+        The steps taken keep their count: the next step's lr is the new schedule's at that step
+        (warm-up then linear decay from step 1 to `total_steps`), not a fresh warm-up."""
+        scheduler = self.scheduler
+        optimizer = scheduler.optimizer  # the torch AdamW: ZeRO's wrappers share its groups
+        scheduler.lr_lambdas = [Schedule(cfg, total_steps)] * len(optimizer.param_groups)
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        lrs = [
+            base * schedule(scheduler.last_epoch)
+            for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        # param_groups() puts the decayed parameters first, the no-decay ones second
+        for group, lr, decay in zip(
+            optimizer.param_groups, lrs, (cfg.weight_decay, 0.0), strict=True
+        ):
+            group.update(lr=lr, initial_lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=decay)
+        scheduler._last_lr = lrs
+        return lrs[0]
 
 
 def make_universal(checkpoint_dir: Path, out_dir: Path) -> None:

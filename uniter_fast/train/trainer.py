@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from ..config import DEFAULT_MIX, RunConfig, UniterConfig
 from ..convert import load_pretrained, save_reference
 from ..data.pipeline import BadSamples, Loader, TrainSource, iter_eval_batches
 from ..data.shards import list_shards
+from ..errors import RunError
 from ..model import UniterForPretraining
 from ..ops import describe_kernels
 from . import checkpoint as ckpt
@@ -58,6 +60,8 @@ from .logging import MetricsWriter, Progress, environment_info, setup_logging
 log = logging.getLogger("uniter_fast.train")
 
 EVAL_TASKS = ("itm", "mlm", "mrckl", "mrfr")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NO_VALIDATION = "no validation data: data.val (--val-data) is empty, so this run validates nothing"
 TASK_CODES = ("itm", "mlm", "mrfr", "mrc", "mrckl")
 _NO_BAD = 2**62
 # Test hook for the fault tests (tests/test_faults.py): "nan@STEP" makes rank 0's loss NaN from
@@ -66,12 +70,12 @@ _NO_BAD = 2**62
 FAULT_ENV = "UNITER_FAST_FAULT"
 
 
-class RunError(Exception):
-    """A problem with the run's inputs (config, files, device): reported in one line."""
-
-
 @dataclass
 class Run:
+    """A run's resolved inputs. resume_from / saved: the newest complete checkpoint of the output
+    folder and its `state.json`; finished: that checkpoint is at max_steps and the run's summary
+    is written, so there is nothing left to do."""
+
     cfg: RunConfig
     output_dir: Path
     device: torch.device
@@ -82,6 +86,8 @@ class Run:
     deepspeed_config: dict = field(default_factory=dict)
     deepspeed_notes: list[str] = field(default_factory=list)
     resume_from: Path | None = None
+    saved: dict | None = None
+    finished: bool = False
 
 
 def _device(name: str) -> torch.device:
@@ -98,6 +104,67 @@ def _device(name: str) -> torch.device:
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+# What a resumed run takes from its checkpoint rather than from the recipe, unless told otherwise
+# (`reschedule`): the learning-rate schedule and AdamW's settings travel in the engine's state.
+SCHEDULE_KEYS = ("max_steps", "optim.lr", "optim.warmup_steps")
+OPTIMIZER_KEYS = ("optim.betas", "optim.eps", "optim.weight_decay")
+# What the loader's saved position depends on (on the same number of ranks).
+LOADER_KEYS = (
+    "seed",
+    "data.mode",
+    "data.tokens_per_batch",
+    "data.block_images",
+    "data.length_buckets",
+    "data.num_workers",
+)
+
+
+def _recipe_value(values: dict, key: str):
+    for part in key.split("."):
+        values = values[part]
+    return list(values) if isinstance(values, (list, tuple)) else values
+
+
+def recipe_changes(saved: dict, cfg: RunConfig, keys=SCHEDULE_KEYS + OPTIMIZER_KEYS) -> list[str]:
+    """'key saved -> now' for each of `keys` (by default the schedule and optimizer settings)
+    that differs between a checkpoint's recipe (`saved`, its state.json's "config") and `cfg`."""
+    now = cfg.to_dict()
+    changes = []
+    for key in keys:
+        old, new = _recipe_value(saved, key), _recipe_value(now, key)
+        if old != new:
+            changes.append(f"{key} {old} -> {new}")
+    return changes
+
+
+def _check_choices(cfg: RunConfig, device: torch.device, model_config: UniterConfig, ds_config):
+    """The choices that can fail on this device, checked before any work: the attention backend
+    and the loss kernels (the precision is checked with the DeepSpeed config)."""
+    from ..kernels import triton_runs_on
+    from ..model.attention import resolve_attention
+
+    precision = config_precision(ds_config)
+    try:
+        resolve_attention(
+            cfg.attention,
+            device,
+            dropout_p=model_config.attention_probs_dropout_prob,
+            varlen_dropout=cfg.varlen_dropout,
+            dtype=_AUTOCAST.get(precision, torch.float32),
+        )
+    except ValueError as e:
+        raise RunError(f"--attention {cfg.attention}: {e}") from None
+    if cfg.kernels == "triton" and not triton_runs_on(device.type):
+        hint = (
+            "triton is not installed"
+            if device.type == "cuda"
+            else "Triton kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1, for tests)"
+        )
+        raise RunError(
+            f"--kernels triton cannot run on {device.type} here: {hint}; use auto or reference"
+        )
 
 
 def prepare(cfg: RunConfig) -> Run:
@@ -119,6 +186,7 @@ def prepare(cfg: RunConfig) -> Run:
         )
     except ValueError as e:
         raise RunError(str(e)) from None
+    _check_choices(cfg, device, model_config, ds_config)
     if cfg.output_dir is None and _world_size() > 1:
         raise RunError(
             "set --output-dir when running on several ranks: every rank must write to the same "
@@ -126,6 +194,7 @@ def prepare(cfg: RunConfig) -> Run:
         )
     output_dir = Path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     resume_from = ckpt.latest_checkpoint(output_dir / "checkpoints")
+    saved, finished = None, False
     if resume_from is not None:
         if not cfg.resume:
             raise RunError(
@@ -138,6 +207,28 @@ def prepare(cfg: RunConfig) -> Run:
                 f"{resume_from} was saved with another model config; resume with the same one "
                 f"or choose another --output-dir"
             )
+        changes = recipe_changes(saved["config"], cfg)
+        if changes and not cfg.reschedule:
+            raise RunError(
+                f"{resume_from} was trained with other schedule settings ({'; '.join(changes)}), "
+                "which a resume would keep: pass --reschedule to rebuild the schedule from "
+                "this recipe at this step, or resume with the checkpoint's settings, or choose "
+                "another --output-dir"
+            )
+        data_changes = recipe_changes(saved["config"], cfg, LOADER_KEYS)
+        if data_changes and saved["world_size"] == _world_size():
+            raise RunError(
+                f"{resume_from} was read with other data settings ({'; '.join(data_changes)}), "
+                f"so its data position cannot be restored: resume with the checkpoint's "
+                f"settings (its recipe: {output_dir / 'config.yaml'}), or choose another "
+                "--output-dir"
+            )
+        if saved["step"] > cfg.max_steps:
+            raise RunError(
+                f"{resume_from} is at step {saved['step']}, past max_steps {cfg.max_steps}: "
+                "resume with --max-steps of at least its step, or choose another --output-dir"
+            )
+        finished = saved["step"] == cfg.max_steps and (output_dir / "summary.json").is_file()
     synthetic = not cfg.data.train
     if synthetic:
         data_dir = output_dir / "data"
@@ -156,12 +247,15 @@ def prepare(cfg: RunConfig) -> Run:
                 "the YAML, or pass --data and --val-data)"
             )
         sources = [TrainSource(d.name, d.shards, dict(d.mix)) for d in cfg.data.train]
-        try:
-            for s in sources:
+        for s in sources:
+            try:
                 list_shards(s.shards)
+            except FileNotFoundError as e:
+                raise RunError(f"training shards of dataset {s.name!r}: {e}") from None
+        try:
             val_urls = list_shards(cfg.data.val) if cfg.data.val else []
         except FileNotFoundError as e:
-            raise RunError(str(e)) from None
+            raise RunError(f"validation shards (data.val): {e}") from None
     return Run(
         cfg,
         output_dir,
@@ -173,6 +267,8 @@ def prepare(cfg: RunConfig) -> Run:
         deepspeed_config=ds_config,
         deepspeed_notes=notes,
         resume_from=resume_from,
+        saved=saved,
+        finished=finished,
     )
 
 
@@ -182,18 +278,23 @@ def _write_synthetic(run: Run) -> None:
     data_dir = run.output_dir / "data"
     done = data_dir / "COMPLETE"
     if not done.is_file():  # a resumed run reuses them (same seed, same shards)
-        log.info("writing synthetic shards to %s", data_dir)
-        write_synthetic(
-            data_dir / "train", run.cfg.data.synthetic_images, seed=run.cfg.seed, progress=True
+        data = run.cfg.data
+        log.info(
+            "writing synthetic shards to %s (%d training and %d validation images)",
+            data_dir,
+            data.synthetic_images,
+            data.synthetic_val_images,
         )
-        if run.cfg.data.synthetic_val_images:
+        start = time.perf_counter()
+        # A bar on a terminal only: in a file its carriage returns run into the next line.
+        bar = sys.stderr.isatty()
+        write_synthetic(data_dir / "train", data.synthetic_images, seed=run.cfg.seed, progress=bar)
+        if data.synthetic_val_images:
             write_synthetic(
-                data_dir / "val",
-                run.cfg.data.synthetic_val_images,
-                seed=run.cfg.seed + 1,
-                progress=True,
+                data_dir / "val", data.synthetic_val_images, seed=run.cfg.seed + 1, progress=bar
             )
         done.write_text("")
+        log.info("synthetic shards written in %.1f s", time.perf_counter() - start)
 
 
 def _seed_everything(seed: int) -> None:
@@ -379,11 +480,18 @@ class NonFinite:
         )
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past `step` (written by a run that died after its last checkpoint)."""
+def _truncate_metrics(path: Path, step: int, max_steps: int) -> None:
+    """Drop records past `step` (written by a run that died after its last checkpoint); at
+    `max_steps`, drop the final validation too (the run died between it and its summary, and
+    validates again)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+
+    def keep(record: dict) -> bool:
+        final_val = record["step"] == max_steps and record.get("split") == "val"
+        return record["step"] <= step and not final_val
+
+    keep = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -393,8 +501,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # The run
 
 
-def _build_engine(run: Run, rank: int, world: int) -> tuple[Engine, dict | None]:
-    """Model and engine, resumed if the run folder holds a checkpoint; returns the saved state."""
+def _build_engine(run: Run, rank: int, world: int):
+    """Model and engine, resumed if the run folder holds a checkpoint; returns the engine, the
+    saved state (None for a new run) and the attention choice."""
     cfg = run.cfg
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     model = UniterForPretraining(
@@ -408,16 +517,13 @@ def _build_engine(run: Run, rank: int, world: int) -> tuple[Engine, dict | None]
         load_pretrained(model, cfg.init_checkpoint, verbose=rank == 0)
     model.to(run.device).train()
     precision = config_precision(run.deepspeed_config)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    try:
-        choice = model.set_attention(cfg.attention, run.device, cfg.varlen_dropout, dtype=dtype)
-    except ValueError as e:
-        raise RunError(str(e)) from None
+    dtype = _AUTOCAST.get(precision, torch.float32)
+    # prepare() checked that this choice can run here
+    choice = model.set_attention(cfg.attention, run.device, cfg.varlen_dropout, dtype=dtype)
     ds_config = dict(run.deepspeed_config)
-    saved = None
+    saved = run.saved
     source = run.resume_from
     if source is not None:
-        saved = ckpt.read_state(source)
         moved = (
             saved["world_size"] != world
             or saved["zero_stage"] != ds_config["zero_optimization"]["stage"]
@@ -446,6 +552,16 @@ def _build_engine(run: Run, rank: int, world: int) -> tuple[Engine, dict | None]
     )
     if source is not None:
         engine.load(source)
+        changes = recipe_changes(saved["config"], cfg)
+        if changes:  # prepare() refused them unless cfg.reschedule
+            lr = engine.set_schedule(cfg.optim, cfg.max_steps)
+            log.warning(
+                "--reschedule: the schedule and AdamW settings are rebuilt from this recipe at "
+                "step %d (%s); the next step's lr is %.3g",
+                saved["step"],
+                "; ".join(changes),
+                lr,
+            )
     n_params = sum(p.numel() for p in model.parameters())
     if getattr(engine.module, "zero3", False) or engine.zero_stage == 3:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -456,7 +572,7 @@ def _build_engine(run: Run, rank: int, world: int) -> tuple[Engine, dict | None]
     if choice.warning:
         log.warning("attention: %s", choice.warning)
     log.info("loss kernels: %s", describe_kernels(cfg.kernels, run.device))
-    return engine, saved
+    return engine, saved, choice
 
 
 def _build_loader(run: Run, rank: int, world: int, saved: dict | None, rank_state: dict | None):
@@ -483,6 +599,7 @@ def _build_loader(run: Run, rank: int, world: int, saved: dict | None, rank_stat
         num_workers=cfg.data.num_workers,
         pin_memory=run.device.type == "cuda",
         max_bad_fraction=cfg.data.max_bad_fraction,
+        bad_check_min_samples=cfg.data.bad_check_min_samples,
         rank=rank,
         world_size=world,
         state=state,
@@ -491,16 +608,70 @@ def _build_loader(run: Run, rank: int, world: int, saved: dict | None, rank_stat
 
 def _export_reference(run: Run, checkpoint: Path) -> Path:
     """fp32 weights of `checkpoint` in the reference's key layout (rank 0; tied keys written)."""
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's converter prints as it goes
+    # DeepSpeed's converter prints as it goes, and draws a progress bar on stderr
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         weights = fp32_state_dict(checkpoint)
     model = UniterForPretraining(run.model_config, wra_weight=run.cfg.wra_weight)
     model.load_state_dict(weights, strict=True)  # our names, the tied ones included
     return save_reference(model, run.output_dir / "model_reference.pt")
 
 
+def _already_finished(run: Run) -> dict:
+    """A run folder at max_steps with its summary written: say so, change nothing."""
+    summary = json.loads((run.output_dir / "summary.json").read_text())
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(
+            f"train.py: {run.output_dir} is already at max_steps ({run.cfg.max_steps}, "
+            f"{run.resume_from}): nothing to do; its summary is {run.output_dir / 'summary.json'}. "
+            "To train on, raise --max-steps and pass --reschedule.",
+            file=sys.stderr,
+        )
+    return summary
+
+
+def _resolved_recipe(run: Run, engine: Engine, choice, start_step: int) -> str:
+    """The recipe as this invocation ran it, as YAML: what "auto" became (device, precision,
+    attention, kernels) and the output folder filled in, so that `--config` on it reproduces the
+    run; comments say what a value cannot (the per-op kernel paths, the attention details)."""
+    cfg = run.cfg
+    values = cfg.to_dict()
+    device = run.device
+    values["output_dir"] = str(run.output_dir)
+    # Under a launcher each rank takes its own GPU: "cuda", not rank 0's "cuda:0".
+    values["device"] = device.type if cfg.device in ("auto", "cuda") else cfg.device
+    values["precision"] = engine.precision
+    values["attention"] = choice.backend
+    kernels = describe_kernels(cfg.kernels, device)
+    if cfg.kernels == "auto" and kernels.startswith("reference"):
+        values["kernels"] = "reference"
+    header = [
+        "# The recipe as this invocation of train.py ran it (`--config` on this file repeats it).",
+        f"# Started {time.strftime('%Y-%m-%d %H:%M:%S')} at step {start_step}, on "
+        f"{engine.world_size} rank(s); rank 0 on {device}.",
+        f"# attention: {choice.describe()}",
+        f"# loss kernels: {kernels}",
+        f"# engine: {engine.describe()}",
+    ]
+    return "\n".join(header) + "\n" + yaml.safe_dump(values, sort_keys=False)
+
+
+def _write_recipe(run: Run, text: str) -> Path:
+    """config.yaml for the first invocation; each later one (a resume) writes the next free
+    config-resume-N.yaml, so that no invocation's recipe overwrites another's."""
+    path = run.output_dir / "config.yaml"
+    n = 0
+    while path.exists():
+        n += 1
+        path = run.output_dir / f"config-resume-{n}.yaml"
+    path.write_text(text)
+    return path
+
+
 def train(run: Run) -> dict:
     """Train as `run.cfg` says, on every rank; returns the summary (written to summary.json)."""
     cfg = run.cfg
+    if run.finished:
+        return _already_finished(run)
     rank, world = init_distributed(run.device)
     if rank == 0:
         run.output_dir.mkdir(parents=True, exist_ok=True)
@@ -510,7 +681,6 @@ def train(run: Run) -> dict:
     if rank == 0:
         for leftover in ckpt.remove_incomplete(checkpoints):
             log.warning("removed %s, left by a save that did not finish", leftover)
-        (run.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run.output_dir / "deepspeed.json").write_text(
             json.dumps(run.deepspeed_config, indent=2) + "\n"
         )
@@ -530,8 +700,13 @@ def train(run: Run) -> dict:
     if run.synthetic:
         run.val_urls = list_shards(run.val_urls) if run.val_urls else []
 
-    engine, saved = _build_engine(run, rank, world)
+    engine, saved, choice = _build_engine(run, rank, world)
     start_step = saved["step"] if saved else 0
+    if rank == 0:
+        recipe = _write_recipe(run, _resolved_recipe(run, engine, choice, start_step))
+        log.info("recipe as resolved: %s", recipe)
+    if not run.val_urls:
+        log.warning(NO_VALIDATION)
     rank_state = None
     if saved is not None and saved["world_size"] == world:
         rank_state = ckpt.load_rank_state(run.resume_from, rank)
@@ -554,7 +729,8 @@ def train(run: Run) -> dict:
 
     metrics = None
     if rank == 0:
-        _truncate_metrics(run.output_dir / "metrics.jsonl", start_step)
+        # A finished checkpoint without a summary (killed after its last save) validates again.
+        _truncate_metrics(run.output_dir / "metrics.jsonl", start_step, cfg.max_steps)
         metrics = MetricsWriter(run.output_dir, purge_step=start_step + 1 if saved else None)
     progress = Progress(cfg.max_steps, initial=start_step, enabled=rank == 0)
     history = saved.get("history", {}) if saved else {}
@@ -562,6 +738,8 @@ def train(run: Run) -> dict:
     latest: dict[str, float] = dict(history.get("loss_last", {}))
     total_tokens = int(history.get("tokens", 0))
     train_seconds = float(history.get("train_seconds", 0.0))
+    invocations = int(history.get("invocations", 0)) + 1
+    my_tokens = 0  # this rank's, this invocation's
     nonfinite = NonFinite(run.device)
     last_checkpoint = run.resume_from
     rates = (0.0, 0.0)  # tokens/s and pairs/s of the last window, shown until the next
@@ -583,6 +761,7 @@ def train(run: Run) -> dict:
                 "loss_last": latest,
                 "tokens": total_tokens,
                 "train_seconds": train_seconds + time.perf_counter() - run_start,
+                "invocations": invocations,
             },
         }
         rank_part = {
@@ -609,6 +788,7 @@ def train(run: Run) -> dict:
         for _ in range(engine.grad_accum):
             task, batch = next(batches)
             tokens, pairs = batch.num_tokens, batch.num_pairs
+            my_tokens += tokens
             batch = batch.to(run.device, non_blocking=True)
             out = engine(batch, task)
             loss = out["loss"]
@@ -653,14 +833,16 @@ def train(run: Run) -> dict:
         if cfg.val_every and step % cfg.val_every == 0 and run.val_urls and step != cfg.max_steps:
             val = evaluate(engine, run.val_urls, tokens_per_batch=cfg.data.tokens_per_batch)
             if metrics is not None:
-                metrics.write({"step": step, **val}, prefix="val")
+                metrics.write({"step": step, "split": "val", **val}, prefix="val")
     progress.close()
-    train_seconds += time.perf_counter() - run_start
+    my_seconds = time.perf_counter() - run_start
+    train_seconds += my_seconds
 
     if start_step < cfg.max_steps or last_checkpoint is None:
         last_checkpoint = save(cfg.max_steps)
     bad = _gather_bad(batches.bad)
     batches.close()
+    my_tokens = int(_all_reduce(torch.tensor(my_tokens, dtype=torch.float64, device=run.device)))
     reference = None
     if rank == 0:
         reference = _export_reference(run, last_checkpoint)
@@ -668,7 +850,7 @@ def train(run: Run) -> dict:
     if run.val_urls:
         val = evaluate(engine, run.val_urls, tokens_per_batch=cfg.data.tokens_per_batch)
         if metrics is not None:
-            metrics.write({"step": cfg.max_steps, **val}, prefix="val")
+            metrics.write({"step": cfg.max_steps, "split": "val", **val}, prefix="val")
     summary = {
         "steps": cfg.max_steps,
         "resumed_from_step": start_step,
@@ -676,14 +858,19 @@ def train(run: Run) -> dict:
         "engine": engine.describe(),
         "train_seconds": train_seconds,
         "tokens_per_s": total_tokens / train_seconds if train_seconds > 0 else 0.0,
+        "invocations": invocations,
+        "this_invocation": {
+            "first_step": start_step + 1,
+            "steps": cfg.max_steps - start_step,
+            "train_seconds": my_seconds,
+            "tokens": my_tokens,
+            "tokens_per_s": my_tokens / my_seconds if my_seconds > 0 else 0.0,
+        },
         "loss_first": loss_first,
         "loss_last": latest,
         "validation": val,
-        "data": {
-            "samples_read": bad.num_good + bad.num_bad,
-            "bad_samples": bad.by_reason(),
-            "worst_shards": bad.worst_shards(),
-        },
+        "validation_note": None if run.val_urls else NO_VALIDATION,
+        "data": _data_summary(bad, cfg.data),
         "checkpoint": str(last_checkpoint),
         "reference_weights": str(reference),
         "output_dir": str(run.output_dir),
@@ -693,6 +880,26 @@ def train(run: Run) -> dict:
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary))
     barrier()
+    return summary
+
+
+def _data_summary(bad: BadSamples, data) -> dict:
+    """Samples read and skipped; a note when the bad fraction passed the limit on fewer samples
+    than the limit waits for (`data.bad_check_min_samples`), so that it was never applied."""
+    read = bad.num_good + bad.num_bad
+    summary = {
+        "samples_read": read,
+        "bad_samples": bad.by_reason(),
+        "worst_shards": bad.worst_shards(),
+        "limit_note": None,
+    }
+    if bad.num_bad > data.max_bad_fraction * read and read < data.bad_check_min_samples:
+        summary["limit_note"] = (
+            f"{bad.num_bad} of {read} samples were bad ({bad.num_bad / read:.1%}), over "
+            f"max_bad_fraction {data.max_bad_fraction:.1%}, but the limit is applied only from "
+            f"data.bad_check_min_samples ({data.bad_check_min_samples}) samples read on, so it "
+            "was never checked"
+        )
     return summary
 
 
@@ -730,12 +937,19 @@ def _gather_bad(bad: BadSamples) -> BadSamples:
 
 
 def format_summary(s: dict) -> str:
-    lines = [
-        "",
-        f"== done: {s['steps']} steps in {s['train_seconds']:.1f} s, "
-        f"{s['tokens_per_s']:,.0f} tokens/s ==",
-        "training loss by task (first logged -> last logged):",
-    ]
+    now = s["this_invocation"]
+    if s["invocations"] == 1:
+        head = (
+            f"{s['steps']} steps in {now['train_seconds']:.1f} s, "
+            f"{now['tokens_per_s']:,.0f} tokens/s"
+        )
+    else:
+        head = (
+            f"steps {now['first_step']}-{s['steps']} in {now['train_seconds']:.1f} s, "
+            f"{now['tokens_per_s']:,.0f} tokens/s; {s['steps']} steps in "
+            f"{s['train_seconds']:.1f} s over {s['invocations']} invocations"
+        )
+    lines = ["", f"== done: {head} ==", "training loss by task (first logged -> last logged):"]
     for task in sorted(s["loss_first"]):
         lines.append(f"  {task:6s} {s['loss_first'][task]:8.4f} -> {s['loss_last'][task]:8.4f}")
     v = s["validation"]
@@ -752,12 +966,16 @@ def format_summary(s: dict) -> str:
             lines.append(
                 f"  wra distance: matching pairs {v['wra_pos']:.4f}, others {v['wra_neg']:.4f}"
             )
+    if s["validation_note"]:
+        lines.append(f"validation: none ({s['validation_note']})")
     d = s["data"]
     bad = sum(d["bad_samples"].values())
     lines.append(
         f"data: {d['samples_read']} samples read, {bad} bad ones skipped"
         + (f" {d['bad_samples']}; worst: {d['worst_shards'][0]}" if bad else "")
     )
+    if d["limit_note"]:
+        lines.append(f"data: {d['limit_note']}")
     lines.append(f"checkpoint: {s['checkpoint']}")
     lines.append(f"reference-layout weights: {s['reference_weights']}")
     lines.append(f"logs: {s['output_dir']}/metrics.jsonl, train.log, tensorboard/")
