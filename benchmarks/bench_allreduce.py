@@ -12,7 +12,8 @@ calls, then timed calls synchronised by a barrier; reported per size and op: the
 algorithm bandwidth (bytes / time) and the bus bandwidth, NCCL's convention that makes the figures
 comparable across world sizes (all-reduce x 2(n-1)/n, reduce-scatter and all-gather x (n-1)/n).
 `benchmarks/scaling.py` turns these and a `bench_e2e.py` step into tokens/s at scale.
-Rank 0 writes `benchmarks/results/allreduce-<device class>-<UTC time>.json`.
+Rank 0 writes `runs/bench/allreduce-<device class>-<UTC time>.json`;
+`--out benchmarks/results/` for the figures the project commits.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--max-mib", type=int, help="largest sweep size in MiB (default 1024; quick 4)")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few calls")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    p.add_argument("--out", help="result path (default: benchmarks/results/...)")
+    p.add_argument("--out", help="result file or folder (default: runs/bench/)")
     a = p.parse_args(argv)
     a.iters = a.iters or (3 if a.quick else 20)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 5)

@@ -29,7 +29,8 @@ one after the other), torch on one thread as in a DataLoader worker. Reported pe
 size: ms per batch (median), pairs/s, output MB/s, and the authors' time over each provider's
 (median of per-call ratios). Then the token-bucket call on `--bucket-lengths` lengths, C++ and
 the Python reference, both modes.
-Results go to `benchmarks/results/collate-<device>-<UTC time>.json`.
+Results go to `runs/bench/collate-<device>-<UTC time>.json`;
+`--out benchmarks/results/` for the figures the project commits.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="smoke run: batch sizes 4 and 8, 1 batch, 2 calls after 1 warm-up, 512 lengths "
         "(explicit flags still win)",
     )
-    p.add_argument("--out", type=Path, help="result path (default: benchmarks/results/...)")
+    p.add_argument("--out", type=Path, help="result file or folder (default: runs/bench/)")
     a = p.parse_args(argv)
 
     def pick(given, quick, default):

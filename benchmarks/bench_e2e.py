@@ -4,8 +4,8 @@
     python benchmarks/bench_e2e.py --models large --providers fast authors
     python benchmarks/bench_e2e.py --device cpu --quick    # a smoke run: tiny model, few steps
     python benchmarks/bench_e2e.py --gate                  # the CPU regression gate's run (CI)
-    python benchmarks/plot_e2e.py benchmarks/results/e2e-*.json
-    python benchmarks/check_regression.py benchmarks/results/e2e-....json
+    python benchmarks/plot_e2e.py runs/bench/e2e-*.json
+    python benchmarks/check_regression.py runs/bench/e2e-....json
 
 Every provider trains on the same micro-batches in the same order: the reference's task mix
 (COCO's itm:mlm:mrfr:mrckl = 6:8:4:4, drawn once by `TaskMixer`), `--batches` distinct batches
@@ -45,7 +45,8 @@ runs in loader workers during training; its cost per batch is measured apart (`c
 Before anything is timed, `fast`, `plain` and `authors` compute every task's losses on one batch
 in fp32 (eval mode) and must agree (rtol 1e-4 on the CPU, 2e-3 on CUDA where the kernels' fp32
 dot products run in TF32), and under bf16 autocast on CUDA within 5e-2; the run stops if not.
-Results: `benchmarks/results/e2e-<device class>-<UTC time>.json`.
+Results: `runs/bench/e2e-<device class>-<UTC time>.json`; `--out benchmarks/results/` for the
+figures the project commits.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="the CPU regression gate's run: tiny, random order, fast/plain/authors, 5 rounds "
         "(check_regression.py compares its ratios with benchmarks/baselines/cpu.json)",
     )
-    p.add_argument("--out", type=Path, help="result path (default: benchmarks/results/...)")
+    p.add_argument("--out", type=Path, help="result file or folder (default: runs/bench/)")
     a = p.parse_args(argv)
 
     device = torch.device(a.device)

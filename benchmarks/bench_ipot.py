@@ -37,7 +37,8 @@ and the floor:
 
 Reported per provider: ms, achieved bandwidth over the floor's bytes, the fraction of the floor
 achieved (floor ms / provider ms), FLOP/s. Results go to
-`benchmarks/results/ipot-<device>-<UTC time>.json`.
+`runs/bench/ipot-<device>-<UTC time>.json`;
+`--out benchmarks/results/` for the figures the project commits.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="smoke run: 8 pairs, hidden 64, no target case, 2 timed calls after 1 warm-up "
         "(explicit flags still win)",
     )
-    p.add_argument("--out", type=Path, help="result path (default: benchmarks/results/...)")
+    p.add_argument("--out", type=Path, help="result file or folder (default: runs/bench/)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():

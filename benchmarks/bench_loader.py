@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-batch", type=int, default=8192)
     parser.add_argument("--data", type=Path, help="corpus folder (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny corpus, 1 s")
-    parser.add_argument("--out", type=Path, help="result file (default: benchmarks/results/)")
+    parser.add_argument("--out", type=Path, help="result file or folder (default: runs/bench/)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.seconds, args.workers = 300, 1.0, [0, 1]

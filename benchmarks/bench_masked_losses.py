@@ -39,7 +39,8 @@ On the CPU the `triton` provider runs only in Triton's interpreter (TRITON_INTER
 before triton is imported) and only up to `--interpret-max-rows` rows: interpreted times say
 nothing about speed (they are flagged `interpreted`), the run checks that the path works. Else it
 is recorded as skipped, with the reason. Results go to
-`benchmarks/results/masked_losses-<device>-<UTC time>.json`.
+`runs/bench/masked_losses-<device>-<UTC time>.json`;
+`--out benchmarks/results/` for the figures the project commits.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         action="store_true",
         help="smoke run: hidden 768, 64 rows, 2 calls after 1 warm-up (explicit flags still win)",
     )
-    p.add_argument("--out", type=Path, help="result path (default: benchmarks/results/...)")
+    p.add_argument("--out", type=Path, help="result file or folder (default: runs/bench/)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -29,7 +29,8 @@ mode: dropout on, autograd recording; no optimizer step), each provider cycling 
 the same batch) so that a busy spell of a shared machine lands on both alike. Reported: ms per
 step, real tokens/s, the padded positions the authors' encoder computes on (B x max_len) and the
 padding fraction, bytes saved for backward, peak memory (each provider alone). Results go to
-`benchmarks/results/packed_vs_padded-<device>-<UTC time>.json`.
+`runs/bench/packed_vs_padded-<device>-<UTC time>.json`;
+`--out benchmarks/results/` for the figures the project commits.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--plan-only", action="store_true", help="print batch shapes and FLOPs; time nothing"
     )
-    p.add_argument("--out", type=Path, help="result path (default: benchmarks/results/...)")
+    p.add_argument("--out", type=Path, help="result file or folder (default: runs/bench/)")
     a = p.parse_args(argv)
 
     device = torch.device(a.device)

@@ -1,7 +1,9 @@
 """Helpers shared by the benchmark scripts: the environment stamp, result files, timing.
 
 Every result file records what the numbers depend on (`environment`), and is written once per
-run as `benchmarks/results/<name>-<device class>-<UTC timestamp>.json` (`save_result`).
+run as `<name>-<device class>-<UTC timestamp>.json` (`save_result`): into `runs/bench/` under the
+working directory by default (ignored by git, as `runs/` of train.py is), or where `--out` says.
+The figures the project keeps are written with `--out benchmarks/results/` and committed.
 
 Timing (`measure`, `measure_interleaved`): `warmup` untimed calls, then `iters` timed calls of
 `fn(i)`. On CUDA each call is bracketed by CUDA events and the host synchronises once at the end,
@@ -34,7 +36,10 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where a run's result goes without --out: relative to the working directory, like train.py's
+# runs/<time>/, so that trying a benchmark leaves the repository clean. The figures the project
+# keeps are written to benchmarks/results/ with --out and committed.
+RESULTS_DIR = Path("runs") / "bench"
 
 # Words of a GPU's marketing name that do not tell two device classes apart.
 _GPU_NAME_NOISE = re.compile(r"^(nvidia|geforce|tesla|amd|radeon|pcie|sxm\d*|hbm\d*e?|nvl|\d+gb)$")
@@ -129,12 +134,17 @@ def command_line() -> str:
 def save_result(name: str, payload: dict, path: str | os.PathLike | None = None) -> Path:
     """Write `payload` as JSON; returns the path.
 
-    The default path is `benchmarks/results/<name>-<device class>-<UTC timestamp>.json`, the
-    device class read from `payload["environment"]["device_class"]`. The file is written under a
-    temporary name and renamed, so a result file is either complete or absent.
+    path: a file; a folder (one that exists, or a path ending in "/"), which gets the default
+    name; None: the default name in `RESULTS_DIR` (runs/bench/). The default name is
+    `<name>-<device class>-<UTC timestamp>.json`, the device class read from
+    `payload["environment"]["device_class"]`. The file is written under a temporary name and
+    renamed, so a result file is either complete or absent.
     """
     if not re.fullmatch(r"[a-z0-9_]+", name):
         raise ValueError(f"save_result: name must match [a-z0-9_]+, got {name!r}")
+    folder = RESULTS_DIR
+    if path is not None and (os.fspath(path).endswith("/") or Path(path).is_dir()):
+        folder, path = Path(path), None
     if path is None:
         try:
             cls = payload["environment"]["device_class"]
@@ -143,7 +153,7 @@ def save_result(name: str, payload: dict, path: str | os.PathLike | None = None)
                 "save_result: payload lacks environment.device_class (use environment())"
             ) from None
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        path = RESULTS_DIR / f"{name}-{cls}-{stamp}.json"
+        path = folder / f"{name}-{cls}-{stamp}.json"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -1,6 +1,6 @@
 """Charts of `bench_e2e.py` results: real tokens/s with MFU, and the split of a step, per provider.
 
-    python benchmarks/plot_e2e.py benchmarks/results/e2e-*.json
+    python benchmarks/plot_e2e.py runs/bench/e2e-*.json
 
 Writes one PNG next to each JSON (same name, `.png`): one row per model, tokens/s bars on the left
 (MFU and the speed-up over the authors' step above each bar), the mean step split in ms on the

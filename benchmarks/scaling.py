@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assume-peak-tflops", type=float, default=800.0)
     p.add_argument("--allreduce", type=Path, help="bench_allreduce.py result on one node")
     p.add_argument("--allreduce-inter", type=Path, help="bench_allreduce.py result across nodes")
-    p.add_argument("--out", type=Path, help="result path (default: benchmarks/results/...)")
+    p.add_argument("--out", type=Path, help="result file or folder (default: runs/bench/)")
     a = p.parse_args(argv)
     if (a.e2e is None) == (a.assume_mfu is None):
         p.error("give --e2e (a measured step) or --assume-mfu (an assumed one), not both")

@@ -255,3 +255,24 @@ def test_allreduce_and_scaling_on_paper(tmp_path):
     for r in rows:
         assert r["network"].startswith("measured") and r["overlapped_ms"] <= r["serial_ms"]
         assert r["tokens_per_s_overlapped"] <= r["gpus"] * 49152 / 2 / 0.1 + 1e-6
+
+
+def test_results_go_outside_the_repository_by_default(tmp_path, monkeypatch):
+    """Trying a benchmark leaves no untracked files: results go to runs/bench/ under the working
+    directory (ignored by git) unless --out names a file or a folder."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import save_result
+
+    payload = {"environment": {"device_class": "cpu"}, "x": 1}
+    monkeypatch.chdir(tmp_path)
+    default = save_result("probe", payload)
+    assert default.parent == Path("runs/bench") and default.name.startswith("probe-cpu-")
+    assert json.loads((tmp_path / default).read_text()) == payload
+    named = save_result("probe", payload, tmp_path / "kept")  # not there yet, no slash: a file
+    assert named == tmp_path / "kept"
+    (tmp_path / "dir").mkdir()
+    inside = save_result("probe", payload, tmp_path / "dir")
+    assert inside.parent == tmp_path / "dir" and inside.name.startswith("probe-cpu-")
+    slash = save_result("probe", payload, f"{tmp_path}/new/")
+    assert slash.parent == tmp_path / "new"
+    assert "runs/" in (REPO / ".gitignore").read_text().split()
