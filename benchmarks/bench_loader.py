@@ -12,6 +12,10 @@ Reported:
 - stages, in this process: read + decode + validate (images/s), build examples, pack (pairs/s);
 - the loader end to end with 0 workers (everything in the training process: what one worker
   can do) and with 1, 2 and 4 DataLoader workers: pairs/s and MB/s of shard bytes consumed.
+  Workers hand batches over in a ring of recycled shared arenas (`data/handover.py`); with one
+  worker the run also times a fresh shared block per batch (the DataLoader's way) beside it.
+  The training process reads one value per 4 kB page of each batch's features, as a step reads
+  them all, so that page faults of the hand-over are counted.
 The shards sit in the page cache after the first pass, so disk speed is not measured: these are
 the CPU costs of the loader.
 """
@@ -111,7 +115,12 @@ def stage_rates(urls: list[str], images: int, tokens_per_batch: int) -> dict:
 
 
 def loader_rate(
-    urls: list[str], workers: int, seconds: float, tokens_per_batch: int, bytes_per_pair: float
+    urls: list[str],
+    workers: int,
+    seconds: float,
+    tokens_per_batch: int,
+    bytes_per_pair: float,
+    recycle: bool = True,
 ) -> dict:
     loader = Loader(
         [TrainSource("bench", urls, MIX)],
@@ -119,21 +128,30 @@ def loader_rate(
         seed=0,
         num_workers=workers,
         block_images=500,
+        recycle_buffers=recycle,
     )
     # Warm-up: every worker has read its first block and built a batch.
     for _ in range(max(workers, 1) * 2):
         next(loader)
     pairs = batches = 0
+    checksum = 0.0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         _, batch = next(loader)
         pairs += batch.num_pairs
         batches += 1
+        # One read per 4 kB page of the features, as the step reads them all (a GPU copy or a
+        # CPU forward): a hand-over whose pages are new to this process pays their faults here.
+        page = 4096 // batch.img_feat.element_size()
+        checksum += float(batch.img_feat.reshape(-1)[::page].float().sum())
     elapsed = time.perf_counter() - t0
+    one_off = loader.one_off_buffers
     loader.close()
     rate = pairs / elapsed
     return {
         "workers": workers,
+        "handover": ("ring" if recycle else "fresh") if workers else "in process",
+        "one_off_buffers": one_off if workers and recycle else None,
         "pairs_per_s": rate,
         "pairs_per_s_per_worker": rate / max(workers, 1),
         "batches_per_s": batches / elapsed,
@@ -150,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-batch", type=int, default=8192)
     parser.add_argument("--data", type=Path, help="corpus folder (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny corpus, 1 s")
+    parser.add_argument(
+        "--no-fresh",
+        action="store_true",
+        help="skip the one-worker run with a fresh shared block per batch (the comparison)",
+    )
     parser.add_argument("--out", type=Path, help="result file or folder (default: runs/bench/)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -177,13 +200,23 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = []
         print("\nloader end to end:")
-        print(f"  {'workers':>7s} {'pairs/s':>10s} {'per worker':>11s} {'MB/s':>8s}")
-        for workers in args.workers:
-            r = loader_rate(urls, workers, args.seconds, args.tokens_per_batch, bytes_per_pair)
+        print(
+            f"  {'workers':>7s} {'hand-over':>10s} {'pairs/s':>10s} {'per worker':>11s} "
+            f"{'MB/s':>8s}"
+        )
+        # With one worker, the ring and the DataLoader's way (a fresh shared block per batch)
+        # side by side, interleaved so that both see the same machine.
+        setups = [(w, True) for w in args.workers]
+        if 1 in args.workers and not args.no_fresh:
+            setups.insert(args.workers.index(1) + 1, (1, False))
+        for workers, recycle in setups:
+            r = loader_rate(
+                urls, workers, args.seconds, args.tokens_per_batch, bytes_per_pair, recycle
+            )
             runs.append(r)
             print(
-                f"  {workers:7d} {r['pairs_per_s']:10,.0f} {r['pairs_per_s_per_worker']:11,.0f} "
-                f"{r['mb_per_s']:8,.0f}"
+                f"  {workers:7d} {r['handover']:>10s} {r['pairs_per_s']:10,.0f} "
+                f"{r['pairs_per_s_per_worker']:11,.0f} {r['mb_per_s']:8,.0f}"
             )
 
     result = {

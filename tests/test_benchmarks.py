@@ -90,8 +90,10 @@ def test_collate_quick_run(tmp_path):
 
 def test_loader_quick_run(tmp_path):
     result = run_benchmark("bench_loader.py", "--quick", out=tmp_path / "loader.json")
-    assert {r["workers"] for r in result["loader"]} == {0, 1}
+    runs = {(r["workers"], r["handover"]): r for r in result["loader"]}
+    assert set(runs) == {(0, "in process"), (1, "ring"), (1, "fresh")}
     assert all(r["pairs_per_s"] > 0 and r["mb_per_s"] > 0 for r in result["loader"])
+    assert runs[(1, "ring")]["one_off_buffers"] == 0
     assert {"read_decode_validate", "pack_mlm", "build_itm"} <= set(result["stages"])
 
 

@@ -667,7 +667,10 @@ class Loader:
     pin_memory: hand batches over in pinned memory (for asynchronous copies to a GPU).
     state: a `state_dict()` to resume from (same sources, mode, seed, workers and world size).
     length_buckets: sort each block by length before cutting batches (see `BlockBatcher`).
-    max_bad_fraction: stop (BadDataError) once more than this fraction of samples were bad.
+    max_bad_fraction: stop (BadDataError) once more than this fraction of samples were bad;
+    bad_check_min_samples: ... judged from this many samples read on.
+    recycle_buffers: workers pack into a ring of shared arenas that this process releases
+    (`handover`); False: a fresh shared block per batch (the DataLoader's way; for comparison).
     """
 
     def __init__(
@@ -688,6 +691,7 @@ class Loader:
         bad_check_min_samples: int = BAD_CHECK_MIN_SAMPLES,
         state: dict | None = None,
         length_buckets: bool = False,
+        recycle_buffers: bool = True,
     ) -> None:
         settings = StreamSettings(
             tokens_per_batch=tokens_per_batch,
@@ -753,8 +757,9 @@ class Loader:
         # room for the DataLoader's prefetch, the pin thread's batch and the two the training
         # loop holds (the current one and, until next() returns, the previous one).
         self.ring_slots = 2 * prefetch_factor + 4
-        table = release_table(num_workers, self.ring_slots) if num_workers else None
-        self._returns = Returns(table) if num_workers else None
+        ring = num_workers > 0 and recycle_buffers
+        table = release_table(num_workers, self.ring_slots) if ring else None
+        self._returns = Returns(table) if ring else None
         dataset = PretrainData(
             sources,
             settings,
