@@ -14,6 +14,9 @@ Flags override the recipe given with --config (a YAML file; the defaults are
 `uniter_fast.config.RunConfig`).
 Logs, checkpoints and the summary go to --output-dir (default runs/<date-time>). A run pointed at
 a folder that already holds checkpoints resumes from the newest complete one (--no-resume refuses).
+A resume with other schedule settings than the checkpoint's is refused unless --reschedule:
+
+    python train.py --config runs/tiny/config.yaml --max-steps 800 --reschedule   # train on
 """
 
 from __future__ import annotations

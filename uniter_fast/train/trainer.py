@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..config import DEFAULT_MIX, RunConfig, UniterConfig
+from ..config import DEFAULT_MIX, DataConfig, RunConfig, UniterConfig
 from ..convert import load_pretrained, save_reference
 from ..data.pipeline import BadSamples, Loader, TrainSource, iter_eval_batches
 from ..data.shards import list_shards
@@ -487,11 +487,11 @@ def _truncate_metrics(path: Path, step: int, max_steps: int) -> None:
     if not path.is_file():
         return
 
-    def keep(record: dict) -> bool:
+    def wanted(record: dict) -> bool:
         final_val = record["step"] == max_steps and record.get("split") == "val"
         return record["step"] <= step and not final_val
 
-    keep = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
+    keep = [line for line in path.read_text().splitlines() if wanted(json.loads(line))]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -883,7 +883,7 @@ def train(run: Run) -> dict:
     return summary
 
 
-def _data_summary(bad: BadSamples, data) -> dict:
+def _data_summary(bad: BadSamples, data: DataConfig) -> dict:
     """Samples read and skipped; a note when the bad fraction passed the limit on fewer samples
     than the limit waits for (`data.bad_check_min_samples`), so that it was never applied."""
     read = bad.num_good + bad.num_bad
@@ -938,7 +938,9 @@ def _gather_bad(bad: BadSamples) -> BadSamples:
 
 def format_summary(s: dict) -> str:
     now = s["this_invocation"]
-    if s["invocations"] == 1:
+    if now["steps"] == 0:  # the last save was made, the summary not: validated and exported
+        head = f"{s['steps']} steps, all trained before; validated and exported again"
+    elif s["invocations"] == 1:
         head = (
             f"{s['steps']} steps in {now['train_seconds']:.1f} s, "
             f"{now['tokens_per_s']:,.0f} tokens/s"
