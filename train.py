@@ -22,10 +22,10 @@ A resume with other schedule settings than the checkpoint's is refused unless --
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from uniter_fast.config import DatasetConfig, RunConfig
+from uniter_fast.errors import report
 from uniter_fast.train import RunError, prepare, train
 
 
@@ -148,14 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         train(run)
     except (RunError, FloatingPointError) as e:
         # Raised on purpose (bad data past the limit, a diverged loss naming its step and task):
-        # the message says it all, on every rank that raised it; a bug keeps its traceback.
-        print(f"train.py: error: {_rank_prefix()}{e}", file=sys.stderr)
+        # the message says it all, on every rank; a bug keeps its traceback.
+        report(e)
         return 1
     return 0
-
-
-def _rank_prefix() -> str:
-    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
 
 
 if __name__ == "__main__":

@@ -39,10 +39,11 @@ from ..config import DEFAULT_MIX, DataConfig, RunConfig, UniterConfig
 from ..convert import load_pretrained, save_reference
 from ..data.pipeline import BadSamples, Loader, TrainSource, iter_eval_batches
 from ..data.shards import list_shards
-from ..errors import RunError
+from ..errors import RunError, report
 from ..model import UniterForPretraining
 from ..ops import describe_kernels
 from . import checkpoint as ckpt
+from .abort import RunErrorBroadcast
 from .engine import (
     Engine,
     barrier,
@@ -668,11 +669,28 @@ def _write_recipe(run: Run, text: str) -> Path:
 
 
 def train(run: Run) -> dict:
-    """Train as `run.cfg` says, on every rank; returns the summary (written to summary.json)."""
-    cfg = run.cfg
+    """Train as `run.cfg` says, on every rank; returns the summary (written to summary.json).
+
+    A RunError on one rank stops every rank with its message (`abort.RunErrorBroadcast`)."""
     if run.finished:
         return _already_finished(run)
     rank, world = init_distributed(run.device)
+    broadcast = RunErrorBroadcast.for_default_group(rank, world)
+    try:
+        summary = _train(run, rank, world)
+    except RunError as e:
+        if broadcast.active:  # said first: this process may be killed once the others exit
+            report(e)
+            broadcast.announce(str(e))
+        raise
+    finally:
+        broadcast.stop()
+    barrier()  # the watchers are gone: rank 0 may now exit and take the store with it
+    return summary
+
+
+def _train(run: Run, rank: int, world: int) -> dict:
+    cfg = run.cfg
     if rank == 0:
         run.output_dir.mkdir(parents=True, exist_ok=True)
     barrier()
@@ -879,7 +897,6 @@ def train(run: Run) -> dict:
         metrics.close()
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary))
-    barrier()
     return summary
 
 
