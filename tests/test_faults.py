@@ -201,25 +201,27 @@ def test_nan_loss_stops_every_rank_naming_step_and_task(setup):
     assert "step-000004" not in _complete(out)  # nothing was saved after the NaN
 
 
-def test_bad_data_on_one_rank_stops_every_rank_in_one_line(setup, tmp_path):
-    """Rank 0's shards hold the bad samples: rank 0 stops on the limit, and rank 1, waiting for
-    it in a collective, stops with the same message instead of a transport error."""
+@pytest.mark.parametrize("ranks, bad_rank", [(2, 0), (3, 1)])
+def test_bad_data_on_one_rank_stops_every_rank_in_one_line(tmp_path, ranks, bad_rank):
+    """One rank's shards hold the bad samples: it stops on the limit, and the other ranks,
+    waiting for it in a collective, stop with its message instead of a transport error (with
+    three ranks the failing one is not the store's host, rank 0)."""
     from test_shards import make_record, raw_sample, write_tar
 
     data = tmp_path / "data"
     data.mkdir()
-    for shard in range(4):  # shard i goes to rank i mod 2 (exact mode, no workers)
+    for shard in range(2 * ranks):  # shard i goes to rank i mod ranks (exact mode, no workers)
         members = {}
         for i in range(10):
             key = f"s{shard}_{i}"
             raw = raw_sample(make_record(key, n=10 + i, seed=10 * shard + i, num_captions=2))
-            if i == 3 and shard % 2 == 0:
+            if i == 3 and shard % ranks == bad_rank:
                 raw["feat.npy"] = b"junk"
             members.update({f"{key}.{m}": v for m, v in raw.items() if m != "__key__"})
         write_tar(data / f"mixed-{shard:06d}.tar", members)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("data: {bad_check_min_samples: 10, block_images: 20, mode: exact}\n")
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
     proc = subprocess.run(
         [*launcher, "--master_port", str(_port()), "train.py", "--config", str(recipe)]
         + ["--max-steps", "3", "--tokens-per-batch", "600", "--data", str(data)]
@@ -233,8 +235,10 @@ def test_bad_data_on_one_rank_stops_every_rank_in_one_line(setup, tmp_path):
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "Traceback" not in text and "Connection closed" not in text, text[-4000:]
-    errors = [line for line in text.splitlines() if line.startswith("train.py: error:")]
-    assert len(errors) == 2, errors
-    assert any(e.startswith("train.py: error: [rank 0] ") for e in errors), errors
-    assert any("[rank 1] the run stopped on rank 0: " in e for e in errors), errors
-    assert all("samples read were bad" in e for e in errors), errors
+    errors = sorted(line for line in text.splitlines() if line.startswith("train.py: error:"))
+    assert len(errors) == ranks, errors
+    for rank, line in enumerate(errors):
+        assert line.startswith(f"train.py: error: [rank {rank}] "), errors
+        if rank != bad_rank:
+            assert f"the run stopped on rank {bad_rank}: " in line, line
+        assert "samples read were bad" in line, line

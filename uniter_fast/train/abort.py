@@ -16,25 +16,40 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import timedelta
 
 from ..errors import RunError, report
 
-KEY = "uniter_fast/run_error"
+# How many poll intervals a rank that may take the store with it waits before exiting, so that
+# every other watcher polls at least twice meanwhile, even on a loaded machine.
+_GRACE = 4
+
+
+def _key() -> str:
+    # A fresh key per start: torchrun's agent keeps its store across restarts of the workers.
+    return f"uniter_fast/run_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 class RunErrorBroadcast:
     """The watcher of one rank (a no-op in a group of one).
 
-    store: the process group's key-value store (rank 0 hosts it); interval: seconds between
-    polls, and half the time `announce` waits for the others to read the message.
+    store: a client of the process group's key-value store, for this object alone (so that a
+    main thread waiting on its own client never delays a poll); rank 0 hosts the store under
+    the deepspeed launcher. interval: seconds between polls; whoever may take the store with it
+    (the rank that announces, rank 0) waits `_GRACE` of them before exiting. A rank whose
+    collective fails first (its peer exited before its watcher polled) ends with the announced
+    message too (`stopped_elsewhere`).
     """
 
     def __init__(self, store, rank: int, world_size: int, *, interval: float = 0.5):
         self.store = store
         self.rank = rank
         self.interval = interval
+        self.key = _key()
         self.active = world_size > 1 and store is not None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._taken = False
         self._thread = None
         if self.active:
             self._thread = threading.Thread(target=self._watch, name="run-error-watch", daemon=True)
@@ -44,9 +59,19 @@ class RunErrorBroadcast:
     def for_default_group(cls, rank: int, world_size: int) -> RunErrorBroadcast:
         store = None
         if world_size > 1:
-            from torch.distributed import distributed_c10d
+            if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+                from torch.distributed import TCPStore
 
-            store = distributed_c10d._get_default_store()
+                store = TCPStore(
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    is_master=False,
+                    timeout=timedelta(seconds=60),
+                )
+            else:  # a group made another way (MPI discovery): share the group's own client
+                from torch.distributed import distributed_c10d
+
+                store = distributed_c10d._get_default_store()
         return cls(store, rank, world_size)
 
     def announce(self, message: str) -> None:
@@ -55,8 +80,36 @@ class RunErrorBroadcast:
         if not self.active:
             return
         self._stop.set()  # this rank reports its own message, not another's
-        self.store.set(KEY, f"rank {self.rank}: {message}")
-        time.sleep(2 * self.interval)
+        try:
+            self.store.set(self.key, f"rank {self.rank}: {message}")
+        except RuntimeError:  # the store's host has gone: another rank announced and ended
+            return
+        time.sleep(_GRACE * self.interval)
+
+    def stopped_elsewhere(self) -> RunError | None:
+        """After a collective of this rank failed: the message another rank announced, as the
+        RunError to end this rank with (None: nobody announced, the failure is this rank's).
+
+        Once this has returned an error, the watcher stays quiet; if the watcher has already
+        taken the message, it is ending the process, and this waits for it."""
+        if not self.active:
+            return None
+        try:
+            found = self.store.check([self.key])
+            message = self.store.get(self.key).decode() if found else None
+        except RuntimeError:
+            return None
+        if message is None or message.startswith(f"rank {self.rank}: "):
+            return None
+        if not self._take():
+            threading.Event().wait()  # the watcher is printing it and ending the process
+        return RunError(f"the run stopped on {message}")
+
+    def _take(self) -> bool:
+        """Claim the one report of another rank's message for this thread (False: taken)."""
+        with self._lock:
+            taken, self._taken = self._taken, True
+        return not taken
 
     def stop(self) -> None:
         """End the watcher (before the run's last barrier: rank 0 may exit right after it)."""
@@ -67,13 +120,15 @@ class RunErrorBroadcast:
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                found = self.store.check([KEY])
+                found = self.store.check([self.key])
+                message = self.store.get(self.key).decode() if found else None
             except RuntimeError:  # the store went away: its host ended, the run is over
                 return
-            if found and not self._stop.is_set():
-                message = self.store.get(KEY).decode()
+            if message is not None and not self._stop.is_set() and self._take():
                 report(RunError(f"the run stopped on {message}"))
+                if self.rank == 0:  # the store's host: let every other watcher read it first
+                    time.sleep(_GRACE * self.interval)
                 os._exit(1)
 
 
-__all__ = ["KEY", "RunErrorBroadcast"]
+__all__ = ["RunErrorBroadcast"]

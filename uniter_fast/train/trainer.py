@@ -37,7 +37,7 @@ import yaml
 
 from ..config import DEFAULT_MIX, DataConfig, RunConfig, UniterConfig
 from ..convert import load_pretrained, save_reference
-from ..data.pipeline import BadSamples, Loader, TrainSource, iter_eval_batches
+from ..data.pipeline import BadSamples, Loader, TrainSource, iter_eval_batches, split_shards
 from ..data.shards import list_shards
 from ..errors import RunError, report
 from ..model import UniterForPretraining
@@ -140,6 +140,13 @@ def recipe_changes(saved: dict, cfg: RunConfig, keys=SCHEDULE_KEYS + OPTIMIZER_K
     return changes
 
 
+def _summary_step(output_dir: Path) -> int | None:
+    """The step the run folder's summary.json was written at (None: no summary). A summary
+    of an earlier end (a run extended since, killed before its new summary) is not this one."""
+    path = output_dir / "summary.json"
+    return json.loads(path.read_text()).get("steps") if path.is_file() else None
+
+
 def _check_choices(cfg: RunConfig, device: torch.device, model_config: UniterConfig, ds_config):
     """The choices that can fail on this device, checked before any work: the attention backend
     and the loss kernels (the precision is checked with the DeepSpeed config)."""
@@ -229,7 +236,7 @@ def prepare(cfg: RunConfig) -> Run:
                 f"{resume_from} is at step {saved['step']}, past max_steps {cfg.max_steps}: "
                 "resume with --max-steps of at least its step, or choose another --output-dir"
             )
-        finished = saved["step"] == cfg.max_steps and (output_dir / "summary.json").is_file()
+        finished = saved["step"] == cfg.max_steps and _summary_step(output_dir) == saved["step"]
     synthetic = not cfg.data.train
     if synthetic:
         data_dir = output_dir / "data"
@@ -248,11 +255,13 @@ def prepare(cfg: RunConfig) -> Run:
                 "the YAML, or pass --data and --val-data)"
             )
         sources = [TrainSource(d.name, d.shards, dict(d.mix)) for d in cfg.data.train]
+        readers = _world_size() * max(cfg.data.num_workers, 1)
         for s in sources:
             try:
-                list_shards(s.shards)
+                urls = list_shards(s.shards)
             except FileNotFoundError as e:
                 raise RunError(f"training shards of dataset {s.name!r}: {e}") from None
+            split_shards(urls, 0, readers, cfg.data.mode, f"dataset {s.name!r}")  # exact: enough?
         try:
             val_urls = list_shards(cfg.data.val) if cfg.data.val else []
         except FileNotFoundError as e:
@@ -642,6 +651,7 @@ def _resolved_recipe(run: Run, engine: Engine, choice, start_step: int) -> str:
     values["device"] = device.type if cfg.device in ("auto", "cuda") else cfg.device
     values["precision"] = engine.precision
     values["attention"] = choice.backend
+    values["reschedule"] = False  # done, if asked: a one-time action, not a setting to repeat
     kernels = describe_kernels(cfg.kernels, device)
     if cfg.kernels == "auto" and kernels.startswith("reference"):
         values["kernels"] = "reference"
@@ -683,6 +693,11 @@ def train(run: Run) -> dict:
             report(e)
             broadcast.announce(str(e))
         raise
+    except RuntimeError:  # a collective failed: because another rank stopped on purpose?
+        stopped = broadcast.stopped_elsewhere()
+        if stopped is None:
+            raise
+        raise stopped from None
     finally:
         broadcast.stop()
     barrier()  # the watchers are gone: rank 0 may now exit and take the store with it
@@ -858,7 +873,7 @@ def _train(run: Run, rank: int, world: int) -> dict:
 
     if start_step < cfg.max_steps or last_checkpoint is None:
         last_checkpoint = save(cfg.max_steps)
-    bad = _gather_bad(batches.bad)
+    bad, bad_per_rank = _gather_bad(batches.bad)
     batches.close()
     my_tokens = int(_all_reduce(torch.tensor(my_tokens, dtype=torch.float64, device=run.device)))
     reference = None
@@ -888,7 +903,7 @@ def _train(run: Run, rank: int, world: int) -> dict:
         "loss_last": latest,
         "validation": val,
         "validation_note": None if run.val_urls else NO_VALIDATION,
-        "data": _data_summary(bad, cfg.data),
+        "data": _data_summary(bad, bad_per_rank, cfg.data),
         "checkpoint": str(last_checkpoint),
         "reference_weights": str(reference),
         "output_dir": str(run.output_dir),
@@ -900,22 +915,29 @@ def _train(run: Run, rank: int, world: int) -> dict:
     return summary
 
 
-def _data_summary(bad: BadSamples, data: DataConfig) -> dict:
-    """Samples read and skipped; a note when the bad fraction passed the limit on fewer samples
-    than the limit waits for (`data.bad_check_min_samples`), so that it was never applied."""
-    read = bad.num_good + bad.num_bad
+def _data_summary(bad: BadSamples, per_rank: list[BadSamples], data: DataConfig) -> dict:
+    """Samples read and skipped (all ranks); a note for each rank whose bad fraction passed the
+    limit on fewer samples than the limit waits for (`data.bad_check_min_samples`, counted per
+    rank, as the loader checks it), so that the limit was never applied there."""
     summary = {
-        "samples_read": read,
+        "samples_read": bad.num_good + bad.num_bad,
         "bad_samples": bad.by_reason(),
         "worst_shards": bad.worst_shards(),
         "limit_note": None,
     }
-    if bad.num_bad > data.max_bad_fraction * read and read < data.bad_check_min_samples:
+    unchecked = []
+    for rank, counts in enumerate(per_rank):
+        read = counts.num_good + counts.num_bad
+        if counts.num_bad > data.max_bad_fraction * read and read < data.bad_check_min_samples:
+            where = f" on rank {rank}" if len(per_rank) > 1 else ""
+            unchecked.append(
+                f"{counts.num_bad} of {read} samples{where} were bad ({counts.num_bad / read:.1%})"
+            )
+    if unchecked:
         summary["limit_note"] = (
-            f"{bad.num_bad} of {read} samples were bad ({bad.num_bad / read:.1%}), over "
-            f"max_bad_fraction {data.max_bad_fraction:.1%}, but the limit is applied only from "
-            f"data.bad_check_min_samples ({data.bad_check_min_samples}) samples read on, so it "
-            "was never checked"
+            f"{'; '.join(unchecked)}: over max_bad_fraction {data.max_bad_fraction:.1%}, but the "
+            f"limit is applied only once a rank has read data.bad_check_min_samples "
+            f"({data.bad_check_min_samples}), so it was never checked"
         )
     return summary
 
@@ -941,16 +963,18 @@ def _log_bad(bad: BadSamples, logged: int, step: int, metrics) -> int:
     return bad.num_bad
 
 
-def _gather_bad(bad: BadSamples) -> BadSamples:
-    """Every rank's bad-sample counts, merged (collective)."""
+def _gather_bad(bad: BadSamples) -> tuple[BadSamples, list[BadSamples]]:
+    """Every rank's bad-sample counts, merged, and each rank's (collective)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return bad
+        return bad, [bad]
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, bad.state_dict())
-    merged = BadSamples()
+    merged, ranks = BadSamples(), []
     for state in states:
         merged.merge(state)
-    return merged
+        ranks.append(BadSamples())
+        ranks[-1].merge(state)
+    return merged, ranks
 
 
 def format_summary(s: dict) -> str:
