@@ -134,16 +134,17 @@ def command_line() -> str:
 def save_result(name: str, payload: dict, path: str | os.PathLike | None = None) -> Path:
     """Write `payload` as JSON; returns the path.
 
-    path: a file; a folder (one that exists, or a path ending in "/"), which gets the default
-    name; None: the default name in `RESULTS_DIR` (runs/bench/). The default name is
-    `<name>-<device class>-<UTC timestamp>.json`, the device class read from
+    path: a file (a name with a suffix, `r1.json`); a folder (one that exists, or a name
+    without a suffix: `--out benchmarks/results/`, whose slash argparse's Path drops), which
+    gets the default name; None: the default name in `RESULTS_DIR` (runs/bench/). The default
+    name is `<name>-<device class>-<UTC timestamp>.json`, the device class read from
     `payload["environment"]["device_class"]`. The file is written under a temporary name and
     renamed, so a result file is either complete or absent.
     """
     if not re.fullmatch(r"[a-z0-9_]+", name):
         raise ValueError(f"save_result: name must match [a-z0-9_]+, got {name!r}")
     folder = RESULTS_DIR
-    if path is not None and (os.fspath(path).endswith("/") or Path(path).is_dir()):
+    if path is not None and (Path(path).is_dir() or not Path(path).suffix):
         folder, path = Path(path), None
     if path is None:
         try:

@@ -17,7 +17,13 @@ import pytest
 from test_shards import _payload, make_record, raw_sample, write_tar
 
 from uniter_fast.data import shards as shards_module
-from uniter_fast.data.pipeline import BadDataError, BadSamples, Loader, TrainSource
+from uniter_fast.data.pipeline import (
+    BadDataError,
+    BadSamples,
+    DataSetupError,
+    Loader,
+    TrainSource,
+)
 from uniter_fast.data.schema import SHARD_FIELDS
 from uniter_fast.data.shards import ShardWriter, iter_shard
 from uniter_fast.data.tarstream import RawSample, SampleDamage, iter_samples
@@ -421,3 +427,18 @@ def test_a_reader_of_nothing_but_bad_data_stops_early(tmp_path):
     with pytest.raises(BadDataError, match="max_bad_fraction") as info:
         next(loader)
     assert "50 of 50 samples read were bad" in str(info.value)  # not the whole corpus first
+
+
+def test_worker_setup_errors_reach_the_training_process_in_one_line(corpus):
+    """Raised while a worker sets its stream up (here: too few shards to split in exact mode)."""
+    loader = Loader(
+        [TrainSource("d", [str(corpus[0] / "clean-000000.tar")], {"mlm": 1.0})],
+        tokens_per_batch=400,
+        seed=0,
+        mode="exact",
+        num_workers=2,
+    )
+    with pytest.raises(DataSetupError, match="2 readers, but there are only 1 shards") as info:
+        next(loader)
+    loader.close()
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)

@@ -270,11 +270,11 @@ def test_results_go_outside_the_repository_by_default(tmp_path, monkeypatch):
     default = save_result("probe", payload)
     assert default.parent == Path("runs/bench") and default.name.startswith("probe-cpu-")
     assert json.loads((tmp_path / default).read_text()) == payload
-    named = save_result("probe", payload, tmp_path / "kept")  # not there yet, no slash: a file
-    assert named == tmp_path / "kept"
-    (tmp_path / "dir").mkdir()
-    inside = save_result("probe", payload, tmp_path / "dir")
-    assert inside.parent == tmp_path / "dir" and inside.name.startswith("probe-cpu-")
-    slash = save_result("probe", payload, f"{tmp_path}/new/")
-    assert slash.parent == tmp_path / "new"
+    named = save_result("probe", payload, tmp_path / "kept.json")
+    assert named == tmp_path / "kept.json"
+    (tmp_path / "dir.d").mkdir()
+    inside = save_result("probe", payload, tmp_path / "dir.d")  # a folder that exists
+    assert inside.parent == tmp_path / "dir.d" and inside.name.startswith("probe-cpu-")
+    new = save_result("probe", payload, Path(f"{tmp_path}/new/"))  # no suffix: a new folder
+    assert new.parent == tmp_path / "new" and new.name.startswith("probe-cpu-")
     assert "runs/" in (REPO / ".gitignore").read_text().split()

@@ -50,15 +50,16 @@ def test_returns_release_a_slot_when_its_last_view_is_gone():
     arena = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(4096))
     ticket = Ticket(worker=1, slot=0, generation=1)
     view = arena[64:128].view(torch.int64)
-    returns.hold(ticket, arena)
+    returns.hold(ticket, arena.untyped_storage(), copied=False)
     del arena
     returns.release_unused()
     assert table[1, 0] == 0  # `view` still uses it
     del view
     returns.release_unused()
     assert table[1, 0] == 1 and not returns.held
-    returns.hold(Ticket(worker=1, slot=0, generation=2), None)  # copied out (pinned): free now
-    assert table[1, 0] == 2
+    slot = torch.UntypedStorage._new_shared(64)
+    returns.hold(Ticket(worker=1, slot=0, generation=2), slot, copied=True)  # copied to pinned
+    assert table[1, 0] == 2 and returns.mapped[(1, 0)] is slot  # free at once, kept mapped
 
 
 def test_a_packed_batch_crosses_as_one_buffer_and_comes_back_equal():
@@ -123,3 +124,21 @@ def test_recycled_buffers_carry_the_same_batches_as_the_training_process_builds(
         assert task == want_task
         for name, t in want.tensors().items():
             assert torch.equal(getattr(batch, name), t), name
+
+
+def test_pinning_copies_the_arena_once_and_keeps_its_storage_for_release(monkeypatch):
+    """The pin thread's path, with pinning stood in for by a copy (this machine has no GPU)."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t.clone())
+    examples = random_examples(np.random.default_rng(1), [(5, 4), (9, 7)])
+    ring = SharedBuffers(release_table(1, 2)[0], worker=0)
+    batch = collate(examples, "mrfr", out=ring.allocate)
+    item = pickle.loads(ForkingPickler.dumps(LoadedBatch("mrfr", batch, 0, {}, {}, ring.ticket)))
+    slot = item.source_storage()
+    pinned = item.pin_memory()
+    assert pinned.arena is None and pinned.pinned_from is slot
+    assert pinned.source_storage() is slot
+    tensors = pinned.batch.tensors()
+    assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 1  # one copy
+    assert tensors["img_feat"].untyped_storage().data_ptr() != slot.data_ptr()
+    for name, t in batch.tensors().items():
+        assert torch.equal(tensors[name], t), name

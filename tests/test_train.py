@@ -236,11 +236,19 @@ def test_extending_a_run_needs_reschedule_and_then_trains_on_the_new_schedule(sm
     # The first invocation's recipe is kept; the resume's is beside it.
     assert RunConfig.from_file(out / "config.yaml").max_steps == 12
     resumed = RunConfig.from_file(out / "config-resume-1.yaml")
-    assert resumed.max_steps == 16 and resumed.reschedule
+    assert resumed.max_steps == 16 and not resumed.reschedule  # done once, not to be repeated
     assert "at step 12" in (out / "config-resume-1.yaml").read_text().splitlines()[1]
     # One final validation row per run end, none repeated.
     val_steps = [r["step"] for r in rows if r.get("split") == "val"]
     assert val_steps == [8, 12, 16]
+    # Finished means the summary is this end's: a summary left from step 12 (the extension
+    # killed between its last save and its summary) is not, and the tail runs again.
+    from uniter_fast.train import prepare
+
+    assert prepare(resumed).finished
+    summary["steps"] = 12
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert not prepare(resumed).finished
 
 
 def test_a_resume_past_max_steps_is_refused(small_run, tmp_path):
@@ -318,3 +326,15 @@ def test_what_a_run_leaves_out_is_said(bad_corpus, tmp_path):
     note = summary["data"]["limit_note"]
     assert "over max_bad_fraction 1.0%" in note and "bad_check_min_samples (1000)" in note, note
     assert "validation: none" in proc.stdout and "never checked" in proc.stdout
+
+
+def test_exact_mode_with_too_few_shards_is_refused_before_any_work(bad_corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = _train(
+        *("--data", str(bad_corpus), "--data-mode", "exact", "--num-workers", "5"),
+        *("--output-dir", str(out)),
+        timeout=120,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "5 readers, but there are only 4 shards" in lines[0] and not out.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import types
 import typing
@@ -359,9 +360,9 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, dict):
+        if not isinstance(self.data, DataConfig):  # _build refuses what is not a mapping
             self.data = _build(DataConfig, self.data, "data")
-        if isinstance(self.optim, dict):
+        if not isinstance(self.optim, OptimConfig):
             self.optim = _build(OptimConfig, self.optim, "optim")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
@@ -439,17 +440,19 @@ def _build(cls, values: Any, where: str):
 
 def _number(value: Any) -> float | None:
     """A recipe's number: an int or float, or a numeric string (PyYAML reads `1e-3`, which has
-    no dot, as a string); None for anything else. Booleans are not numbers here."""
+    no dot, as a string); None for anything else. Booleans, NaN and infinities are not numbers
+    here (no recipe field means one)."""
     if isinstance(value, bool):
         return None
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
             return None
-    return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _typed(value: Any, hint: Any, key: str) -> Any:

@@ -123,8 +123,8 @@ def _shared_block(nbytes: int) -> torch.Tensor:
 class Returns:
     """The training process's side: which slots are lent out, and releasing them when unused.
 
-    hold(ticket, arena) when a batch packed into a slot is handed out; `release_unused()` (at
-    every next batch) writes back every held slot whose arena no tensor uses any more. The
+    `hold` when a batch packed into a slot is handed out; `release_unused()` (at every next
+    batch) writes back every held slot whose arena no tensor uses any more. The
     arena of every slot seen stays referenced here, so it stays mapped: the next batch in that
     slot needs no new mapping and no page faults.
     """
@@ -134,15 +134,15 @@ class Returns:
         self.mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
         self.held: dict[tuple[int, int], int] = {}
 
-    def hold(self, ticket: Ticket, arena: torch.Tensor | None) -> None:
-        """A batch of `ticket`'s slot is handed out. arena None: the batch was copied out of
-        the slot (pinned), which is free again at once."""
+    def hold(self, ticket: Ticket, storage: torch.UntypedStorage, *, copied: bool) -> None:
+        """A batch of `ticket`'s slot, whose arena is `storage`, is handed out. copied: the
+        batch was copied out of the slot (pinned), which is free again at once."""
         key = (ticket.worker, ticket.slot)
-        if arena is None:
+        self.mapped[key] = storage
+        if copied:
             self.table[key] = ticket.generation
-            return
-        self.mapped[key] = arena.untyped_storage()
-        self.held[key] = ticket.generation
+        else:
+            self.held[key] = ticket.generation
 
     def release_unused(self) -> None:
         for key, generation in list(self.held.items()):

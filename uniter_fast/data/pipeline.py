@@ -130,6 +130,10 @@ class BadDataError(RunError, RuntimeError):
     """Too many bad samples: the run stops (the message names the worst shards)."""
 
 
+class DataSetupError(RunError, ValueError):
+    """Shards that cannot be split between the readers as the settings ask."""
+
+
 class DataStateError(RunError, ValueError):
     """A saved data position that this loader (other shards, seed or settings) cannot restore."""
 
@@ -451,7 +455,7 @@ def split_shards(urls: Sequence[str], role: int, num_roles: int, mode: str, what
     if len(urls) >= num_roles:
         return urls[role::num_roles]
     if mode == "exact":
-        raise ValueError(
+        raise DataSetupError(
             f"{what}: exact mode splits shards over ranks x workers = {num_roles} readers, but "
             f"there are only {len(urls)} shards; write smaller shards, use fewer workers, or "
             "use mode 'resampled'"
@@ -548,6 +552,8 @@ class LoadedBatch:
 
     ticket: the ring slot the batch was packed into (None: not from a ring). arena / layout:
     set on the receiving side when the batch crossed as one buffer; the batch views the arena.
+    pinned_from: after `pin_memory`, the arena the batch was copied out of (kept so that the
+    training process keeps the slot mapped, and releases it at once).
     """
 
     task: str
@@ -558,6 +564,7 @@ class LoadedBatch:
     ticket: Ticket | None = None
     arena: torch.Tensor | None = None
     layout: dict | None = None
+    pinned_from: torch.UntypedStorage | None = None
 
     def __reduce__(self):
         flat = flat_layout(self.batch)
@@ -573,12 +580,20 @@ class LoadedBatch:
         return LoadedBatch(task, batch, role, state, stats, ticket, arena, layout)
 
     def pin_memory(self) -> LoadedBatch:  # DataLoader's pin thread calls this
+        source = self.source_storage()
         if self.layout is None:
-            return dataclasses.replace(self, batch=self.batch.pin_memory())
-        # One copy of the used part of the arena into one pinned block; the slot is free after.
-        pinned = self.arena[: layout_end(self.layout)].pin_memory()
-        batch = batch_from_layout(pinned, self.layout)
-        return dataclasses.replace(self, batch=batch, arena=None, layout=None)
+            batch = self.batch.pin_memory()
+        else:  # one copy of the used part of the arena into one pinned block
+            batch = batch_from_layout(
+                self.arena[: layout_end(self.layout)].pin_memory(), self.layout
+            )
+        return dataclasses.replace(self, batch=batch, arena=None, layout=None, pinned_from=source)
+
+    def source_storage(self) -> torch.UntypedStorage:
+        """The storage the batch came in (its ring slot's arena, for a ring batch)."""
+        if self.pinned_from is not None:
+            return self.pinned_from
+        return next(iter(self.batch.tensors().values())).untyped_storage()
 
 
 @dataclass
@@ -634,30 +649,30 @@ class PretrainData(IterableDataset):
             # In a worker, pack straight into shared memory: the hand-over moves no bytes.
             ring = SharedBuffers(self.release[worker], worker)
             pack_into = ring.allocate
-        stream = RoleStream(
-            self.sources,
-            self.settings,
-            role=self.rank * workers + local,
-            num_roles=self.world_size * workers,
-            task_stream=local,
-            state=self.states.get(local),
-            pack_into=pack_into,
-        )
+        stream = None
         try:
+            stream = RoleStream(
+                self.sources,
+                self.settings,
+                role=self.rank * workers + local,
+                num_roles=self.world_size * workers,
+                task_stream=local,
+                state=self.states.get(local),
+                pack_into=pack_into,
+            )
             while True:
-                try:
-                    task, batch = next(stream)
-                except RunError as e:
-                    if info is None:
-                        raise
-                    yield WorkerFailure(local, e)
-                    return
+                task, batch = next(stream)
                 ticket = ring.ticket if ring is not None else None
                 yield LoadedBatch(
                     task, batch, local, stream.state_dict(), stream.bad.take(), ticket
                 )
+        except RunError as e:
+            if info is None:
+                raise
+            yield WorkerFailure(local, e)
         finally:
-            stream.close()
+            if stream is not None:
+                stream.close()
 
 
 class Loader:
@@ -792,7 +807,8 @@ class Loader:
         if isinstance(item, WorkerFailure):
             raise item.error
         if item.ticket is not None:
-            self._returns.hold(item.ticket, item.arena)
+            copied = item.pinned_from is not None
+            self._returns.hold(item.ticket, item.source_storage(), copied=copied)
         elif self._returns is not None:
             self.one_off_buffers += 1
         self.role_states[item.role] = item.state
@@ -883,6 +899,7 @@ __all__ = [
     "MODES",
     "BadDataError",
     "BadSamples",
+    "DataSetupError",
     "DataStateError",
     "Loader",
     "LoadedBatch",
