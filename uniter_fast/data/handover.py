@@ -158,7 +158,7 @@ class Returns:
 def flat_layout(batch: Batch) -> tuple[torch.Tensor, dict] | None:
     """(the arena, the layout) when every tensor of `batch` is a contiguous view of one storage
     (a batch packed by `collate(..., out=...)`); None otherwise. The layout maps each tensor
-    field to (byte offset, shape, dtype) and keeps the other fields as they are."""
+    field to (byte offset, bytes, shape, dtype) and keeps the other fields as they are."""
     tensors = batch.tensors()
     storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
     if len(storages) != 1 or not all(t.is_contiguous() for t in tensors.values()):
@@ -166,7 +166,12 @@ def flat_layout(batch: Batch) -> tuple[torch.Tensor, dict] | None:
     storage = next(iter(tensors.values())).untyped_storage()
     arena = torch.empty(0, dtype=torch.uint8).set_(storage)
     layout = {
-        name: (t.storage_offset() * t.element_size(), tuple(t.shape), t.dtype)
+        name: (
+            t.storage_offset() * t.element_size(),
+            t.numel() * t.element_size(),
+            t.shape,
+            t.dtype,
+        )
         for name, t in tensors.items()
     }
     others = {
@@ -178,19 +183,14 @@ def flat_layout(batch: Batch) -> tuple[torch.Tensor, dict] | None:
 def batch_from_layout(arena: torch.Tensor, layout: dict) -> Batch:
     """The batch `flat_layout` described, as views of `arena` (no copy)."""
     fields = dict(layout["others"])
-    for name, (offset, shape, dtype) in layout["tensors"].items():
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    for name, (offset, nbytes, shape, dtype) in layout["tensors"].items():
         fields[name] = arena[offset : offset + nbytes].view(dtype).view(shape)
     return Batch(**fields)
 
 
 def layout_end(layout: dict) -> int:
     """Bytes of the arena that the layout's tensors reach (what a copy of the batch needs)."""
-    end = 0
-    for offset, shape, dtype in layout["tensors"].values():
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        end = max(end, offset + nbytes)
-    return end
+    return max(offset + nbytes for offset, nbytes, _, _ in layout["tensors"].values())
 
 
 __all__ = [

@@ -75,7 +75,8 @@ FAULT_ENV = "UNITER_FAST_FAULT"
 class Run:
     """A run's resolved inputs. resume_from / saved: the newest complete checkpoint of the output
     folder and its `state.json`; finished: that checkpoint is at max_steps and the run's summary
-    is written, so there is nothing left to do."""
+    is written, so there is nothing left to do; reschedule: the schedule and optimizer settings
+    to rebuild at the resume ('key saved -> now'; --reschedule)."""
 
     cfg: RunConfig
     output_dir: Path
@@ -89,6 +90,7 @@ class Run:
     resume_from: Path | None = None
     saved: dict | None = None
     finished: bool = False
+    reschedule: list[str] = field(default_factory=list)
 
 
 def _device(name: str) -> torch.device:
@@ -202,7 +204,7 @@ def prepare(cfg: RunConfig) -> Run:
         )
     output_dir = Path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     resume_from = ckpt.latest_checkpoint(output_dir / "checkpoints")
-    saved, finished = None, False
+    saved, finished, changes = None, False, []
     if resume_from is not None:
         if not cfg.resume:
             raise RunError(
@@ -279,6 +281,7 @@ def prepare(cfg: RunConfig) -> Run:
         resume_from=resume_from,
         saved=saved,
         finished=finished,
+        reschedule=changes,
     )
 
 
@@ -562,14 +565,13 @@ def _build_engine(run: Run, rank: int, world: int):
     )
     if source is not None:
         engine.load(source)
-        changes = recipe_changes(saved["config"], cfg)
-        if changes:  # prepare() refused them unless cfg.reschedule
+        if run.reschedule:  # prepare() refused them unless cfg.reschedule
             lr = engine.set_schedule(cfg.optim, cfg.max_steps)
             log.warning(
                 "--reschedule: the schedule and AdamW settings are rebuilt from this recipe at "
                 "step %d (%s); the next step's lr is %.3g",
                 saved["step"],
-                "; ".join(changes),
+                "; ".join(run.reschedule),
                 lr,
             )
     n_params = sum(p.numel() for p in model.parameters())
