@@ -28,14 +28,15 @@ one pinned block and releases the slot at once.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 
 import torch
 
+from .collate import ALLOCATORS
 from .schema import Batch
 
-log = logging.getLogger("uniter_fast.data")
+# A new shared-memory block: collate's own "shared" allocator.
+_shared_block = ALLOCATORS["shared"]
 
 _MIB = 1 << 20
 # An arena grown for a batch gets this much room to spare, so that the next slightly larger
@@ -111,13 +112,6 @@ class SharedBuffers:
         self.generations[slot] += 1
         self.ticket = Ticket(self.worker, slot, self.generations[slot])
         return self.arenas[slot][:nbytes]
-
-
-def _shared_block(nbytes: int) -> torch.Tensor:
-    # As DataLoader's default_collate makes one in a worker; share_memory_() on a fresh tensor
-    # would allocate, then copy the uninitialised bytes over.
-    storage = torch.UntypedStorage._new_shared(nbytes)
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 class Returns:

@@ -602,7 +602,6 @@ class WorkerFailure:
     the training process raises it with its own message: the DataLoader would re-raise it
     wrapped in the worker's traceback."""
 
-    role: int
     error: RunError
 
 
@@ -669,7 +668,7 @@ class PretrainData(IterableDataset):
         except RunError as e:
             if info is None:
                 raise
-            yield WorkerFailure(local, e)
+            yield WorkerFailure(e)
         finally:
             if stream is not None:
                 stream.close()
