@@ -25,6 +25,15 @@ hidden size and writes its side's gradient once. The two programs of a pair are 
 order, so the second read mostly hits L2: the states come from memory about twice in all (forward,
 backward), and the gradients are written once.
 
+Exact maths where it is cheap. Compiled Triton turns `tl.exp`, `tl.sqrt` and `/` into the GPU's
+approximate instructions (`ex2.approx`, `sqrt.approx`, `div.full`: a few ulps each). The plan
+is a product of about 50 factors of `A` and of the per-iteration reciprocals, so those ulps grow
+about 50-fold in it, which put a simulated fp32 plan near 1e-5 relative error, past the
+reference's tolerance. Every such operation here runs once per element (`A = exp(-C / beta)`) or
+once per row and iteration (the reciprocals), never in the m x n inner loop, so they use the
+round-to-nearest forms (`libdevice.exp`, `div_rn`, `sqrt_rn`) at negligible cost; the
+interpreter computes them exactly anyway, so its tests keep their tolerance.
+
 Block sizes are powers of two chosen from the max lengths (at least 16, `tl.dot`'s minimum). Three
 fp32 tiles of `BLOCK_M x BLOCK_N` (the cost, `A`, the plan) stay in registers for the whole
 iteration loop, which bounds the pair size the kernel takes: `BLOCK_M * BLOCK_N <= 8192` and each
@@ -47,6 +56,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 COSINE_EPS = 1e-5
 # Register budget of one program: three fp32 tiles of this many elements live through the loop.
@@ -97,7 +107,7 @@ def _ipot_fwd_kernel(
     PACKED: tl.constexpr,
     WRITE_PLAN: tl.constexpr,
     SAVE_AUX: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -150,31 +160,31 @@ def _ipot_fwd_kernel(
         img_sq += tl.sum(vf * vf, axis=1)
         # bf16/fp16 products are exact in fp32 and accumulate in fp32; fp32 states use
         # DOT_PRECISION (see _FP32_DOT).
-        if DOT_IN_FP32:
-            dots = tl.dot(tf, tl.trans(vf), dots, input_precision=DOT_PRECISION)
-        else:
-            dots = tl.dot(t, tl.trans(v), dots, input_precision=DOT_PRECISION)
-    txt_norm = tl.sqrt(txt_sq)
-    img_norm = tl.sqrt(img_sq)
-    inv_t = 1.0 / tl.maximum(txt_norm, eps)
-    inv_v = 1.0 / tl.maximum(img_norm, eps)
+        dots = _dot(t, tl.trans(v), dots, INTERPRETER, DOT_PRECISION)
+    # Exact (round-to-nearest) square roots, divisions and exp: each runs once per element or
+    # once per row and iteration, and the plan is a product of ~50 factors of A and of the
+    # reciprocals, so the approximate forms' few ulps would grow about 50-fold (module docstring).
+    txt_norm = tl.sqrt_rn(txt_sq)
+    img_norm = tl.sqrt_rn(img_sq)
+    inv_t = tl.div_rn(1.0, tl.maximum(txt_norm, eps))
+    inv_v = tl.div_rn(1.0, tl.maximum(img_norm, eps))
     valid = row_ok[:, None] & col_ok[None, :]
     cost = tl.where(valid, 1.0 - dots * inv_t[:, None] * inv_v[None, :], 0.0)
 
     # IPOT, the reference's recursion in the transposed layout: delta over regions (columns),
     # sigma over text (rows). Padded entries of A and T are zero; the reciprocals of padded
     # positions divide 1 by 1 and are then zeroed, so no inf is ever formed.
-    a = tl.where(valid, tl.exp(-cost / beta), 0.0)
+    a = tl.where(valid, _exact_exp(tl.div_rn(-cost, beta), INTERPRETER), 0.0)
     plan = tl.where(valid, 1.0, 0.0)
     m_f = m.to(tl.float32)
     n_f = n.to(tl.float32)
-    sigma = tl.where(row_ok, 1.0 / m_f, 0.0)
+    sigma = tl.where(row_ok, tl.div_rn(1.0, m_f), 0.0)
     for _ in range(iterations):
         q = a * plan
         delta_den = tl.where(col_ok, n_f * tl.sum(q * sigma[:, None], axis=0), 1.0)
-        delta = tl.where(col_ok, 1.0 / delta_den, 0.0)
+        delta = tl.where(col_ok, tl.div_rn(1.0, delta_den), 0.0)
         sigma_den = tl.where(row_ok, m_f * tl.sum(q * delta[None, :], axis=1), 1.0)
-        sigma = tl.where(row_ok, 1.0 / sigma_den, 0.0)
+        sigma = tl.where(row_ok, tl.div_rn(1.0, sigma_den), 0.0)
         plan = q * delta[None, :] * sigma[:, None]
 
     distance = tl.sum(tl.sum(cost * plan, axis=1), axis=0)
@@ -201,6 +211,30 @@ def _ipot_fwd_kernel(
         tl.store(img_norm_ptr + img_aux, img_norm, mask=img_out)
         tl.store(txt_dot_ptr + txt_aux, tl.sum(weighted, axis=1), mask=txt_out)
         tl.store(img_dot_ptr + img_aux, tl.sum(weighted, axis=0), mask=img_out)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRETER: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation: the compiled kernels' product, on every device.
+
+    Only in Triton's interpreter (`INTERPRETER`), which multiplies bf16 blocks as their uint16
+    bit patterns (3.6 to 3.9: its dot calls np.matmul on the raw storage), are bf16 operands
+    widened, here at the product itself: bf16 x bf16 is exact in fp32, so the sums are the
+    same, and everything around the product (the operands' dtypes, the hi/lo split, the casts)
+    runs as on a GPU. Its fp16 and fp32 products are right and run unchanged.
+    """
+    if INTERPRETER and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _exact_exp(x, INTERPRETER: tl.constexpr):
+    """exp(x) rounded to nearest: libdevice's on a GPU (`tl.exp` is `ex2.approx` there); the
+    interpreter, which has no libdevice, computes `tl.exp` in numpy, exactly."""
+    if INTERPRETER:
+        return tl.exp(x)
+    return libdevice.exp(x)
 
 
 @triton.jit
@@ -249,7 +283,7 @@ def _grad_rows(
     hidden_size,
     eps,
     SPLIT_DOT: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -269,8 +303,8 @@ def _grad_rows(
     o_ok = offs_o < n_other
     self_norm = tl.load(self_norm_ptr + offs_s, mask=s_ok, other=0.0)
     other_norm = tl.load(other_norm_ptr + offs_o, mask=o_ok, other=0.0)
-    inv_s = 1.0 / tl.maximum(self_norm, eps)
-    inv_o = 1.0 / tl.maximum(other_norm, eps)
+    inv_s = tl.div_rn(1.0, tl.maximum(self_norm, eps))
+    inv_o = tl.div_rn(1.0, tl.maximum(other_norm, eps))
     # The normalisation's projection term exists only where the norm passed the eps clamp.
     proj = tl.where(self_norm >= eps, g * tl.load(self_dot_ptr + offs_s, mask=s_ok, other=0.0), 0.0)
     # d distance / d cos, with the other side's 1/d folded in, so that the dot below runs on the
@@ -301,16 +335,12 @@ def _grad_rows(
             mask=s_ok[:, None] & h_ok[None, :],
             other=0.0,
         ).to(tl.float32)
+        zero = tl.zeros((BLOCK_S, BLOCK_H), dtype=tl.float32)
         if SPLIT_DOT:
-            if DOT_IN_FP32:
-                yf = y.to(tl.float32)
-                acc = tl.dot(a_hi.to(tl.float32), yf, input_precision="ieee")
-                acc = tl.dot(a_lo.to(tl.float32), yf, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a_hi, y)
-                acc = tl.dot(a_lo, y, acc)
+            acc = _dot(a_hi, y, zero, INTERPRETER, DOT_PRECISION)
+            acc = _dot(a_lo, y, acc, INTERPRETER, DOT_PRECISION)
         else:
-            acc = tl.dot(a, y.to(tl.float32), input_precision=DOT_PRECISION)
+            acc = _dot(a, y.to(tl.float32), zero, INTERPRETER, DOT_PRECISION)
         grad = (proj[:, None] * x * inv_s[:, None] - acc) * inv_s[:, None]
         tl.store(
             grad_base + offs_s[:, None] * grad_stride_row + hh[None, :],
@@ -356,7 +386,7 @@ def _ipot_bwd_kernel(
     eps,
     PACKED: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -418,7 +448,7 @@ def _ipot_bwd_kernel(
             hidden_size,
             eps,
             SPLIT_DOT,
-            DOT_IN_FP32,
+            INTERPRETER,
             DOT_PRECISION,
             BLOCK_M,
             BLOCK_N,
@@ -468,7 +498,7 @@ def _ipot_bwd_kernel(
             hidden_size,
             eps,
             SPLIT_DOT,
-            DOT_IN_FP32,
+            INTERPRETER,
             DOT_PRECISION,
             BLOCK_N,
             BLOCK_M,
@@ -493,19 +523,42 @@ def kernel_fits(max_txt_len: int, max_img_len: int) -> bool:
     return max(block_m, block_n) <= MAX_BLOCK and block_m * block_n <= MAX_BLOCK_ELEMENTS
 
 
-def _launch_config(max_txt_len: int, max_img_len: int, hidden_size: int) -> dict:
+def _launch_config(
+    max_txt_len: int,
+    max_img_len: int,
+    hidden_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+    backward: bool = False,
+) -> dict:
+    """Blocks, hidden chunk and warps of one launch, chosen so that no variant spills.
+
+    From ptxas's report for sm_90 over every block pair, dtype, direction, warps {4, 8, 16} and
+    hidden chunk {16, 32, 64} (`benchmarks/aot_compile.py`; the table is in benchmarks/NOTES.md,
+    "Compiled ahead of time"): warps grow with the block area (4 below 2048 elements, 8 to 4096,
+    16 at 8192) and the hidden is read in chunks of 32, except where that spilled:
+    - the fp16/fp32 backward multiplies in tf32x3 (three products, each operand split in two),
+      which from 2048 elements used all 255 registers at 8 warps and spilled 176-1036 bytes at
+      16 (capped at 128 registers), and spilled a few bytes at 4 warps on small blocks: it
+      always takes 8 warps, with chunks of 16 from 2048 elements (142-210 registers);
+    - the fp32 forward at 8192 elements spilled at 16 warps (its three resident fp32 tiles and
+      the tf32x3 product), at 16 x 16 with chunks of 32 on sm_80 and at 32 x 32 with 4 warps
+      under triton 3.6: it takes chunks of 16, and 8 warps from 1024 elements (54-192
+      registers).
+    bf16 (the training dtype) keeps the first rule in both directions. Not yet timed on a GPU:
+    `benchmarks/sweep_kernels.py` times the alternatives.
+    """
     block_m, block_n = _block(max_txt_len), _block(max_img_len)
-    # Chosen from ptxas's register report for sm_90 (Triton 3.8, compiled ahead of time without
-    # a GPU): 64 x 64 blocks (UNITER's typical batch maxima) at 8 warps use 121-251 registers and
-    # spill nothing for bf16, fp16 or fp32 states; 64 x 128 at 16 warps, 109-128 registers, no
-    # spill for bf16 and 104-328 bytes for fp16/fp32. A hidden chunk of 32 keeps the chunk tiles
-    # small beside the three resident [BLOCK_M, BLOCK_N] tiles. Not yet timed on a GPU.
     elements = block_m * block_n
     num_warps = 16 if elements >= 8192 else 8 if elements >= 2048 else 4
+    chunk = 32
+    if dtype != torch.bfloat16 and backward:
+        chunk, num_warps = (16 if elements >= 2048 else 32), 8
+    elif dtype == torch.float32:
+        chunk, num_warps = 16, 8 if elements >= 1024 else 4
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
-        "BLOCK_H": max(MIN_BLOCK, min(32, triton.next_power_of_2(hidden_size))),
+        "BLOCK_H": max(MIN_BLOCK, min(chunk, triton.next_power_of_2(hidden_size))),
         "num_warps": num_warps,
     }
 
@@ -562,6 +615,13 @@ def _check_fits(max_txt_len: int, max_img_len: int) -> None:
             f"{MAX_BLOCK_ELEMENTS} elements or {MAX_BLOCK} per side; use the reference "
             f"(uniter_fast.ops.ot)"
         )
+
+
+def _interpreted(states: torch.Tensor) -> bool:
+    """Whether the kernels run in Triton's interpreter (CPU tensors): the `INTERPRETER` flag of
+    `_dot` and `_exact_exp`, the only two places where the interpreted form differs from the
+    compiled one."""
+    return states.device.type == "cpu"
 
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:
@@ -635,12 +695,9 @@ def _forward(
         PACKED=packed,
         WRITE_PLAN=write_plan,
         SAVE_AUX=save_aux,
-        # Triton's interpreter multiplies bf16 blocks as their uint16 bit patterns (3.8: its
-        # create_dot calls np.matmul on the raw storage), so on the CPU the dot runs on fp32
-        # copies, which gives the same products (bf16 x bf16 is exact in fp32).
-        DOT_IN_FP32=txt.device.type == "cpu",
+        INTERPRETER=_interpreted(txt),
         DOT_PRECISION=_FP32_DOT,
-        **_launch_config(max_txt_len, max_img_len, hidden_size),
+        **_launch_config(max_txt_len, max_img_len, hidden_size, txt.dtype),
     )
     return out
 
@@ -791,7 +848,7 @@ def _backward(
     else:
         txt_strides, img_strides = txt.stride()[:2], img.stride()[:2]
         grad_txt_strides, grad_img_strides = grad_txt.stride()[:2], grad_img.stride()[:2]
-    config = _launch_config(max_txt_len, max_img_len, hidden_size)
+    config = _launch_config(max_txt_len, max_img_len, hidden_size, txt.dtype, backward=True)
     _ipot_bwd_kernel[(2 * batch,)](
         txt,
         img,
@@ -822,7 +879,7 @@ def _backward(
         COSINE_EPS,
         PACKED=packed,
         SPLIT_DOT=txt.dtype == torch.bfloat16,
-        DOT_IN_FP32=txt.device.type == "cpu",
+        INTERPRETER=_interpreted(txt),
         DOT_PRECISION=_FP32_DOT,
         BLOCK_R=16,
         **config,

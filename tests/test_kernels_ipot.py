@@ -512,3 +512,37 @@ def test_no_host_sync_in_forward_and_backward(rng):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+# --- the compiled form in the interpreter --------------------------------------------------------
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="a fact about Triton's interpreter")
+def test_interpreter_runs_the_gpu_products_but_bf16s():
+    """The kernels run their GPU form in the interpreter (`_dot`): fp16 products on fp16 operands
+    as `wgmma` would, and bf16 operands widened only at the product, because the interpreter
+    multiplies bf16 blocks as raw uint16 (checked here, so that the day it is fixed the widening
+    can go). `test_low_precision_by_the_2x_rule` then holds the fp16 and bf16 paths (the bf16
+    hi/lo split of the backward included) to the reference."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def product(a_ptr, b_ptr, c_ptr, WIDEN: tl.constexpr):
+        o = tl.arange(0, 16)
+        a = tl.load(a_ptr + o[:, None] * 16 + o[None, :])
+        b = tl.load(b_ptr + o[:, None] * 16 + o[None, :])
+        acc = tl.zeros((16, 16), dtype=tl.float32)
+        tl.store(c_ptr + o[:, None] * 16 + o[None, :], ipot._dot(a, b, acc, WIDEN, "ieee"))
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        a = torch.randn(16, 16, generator=gen).to(dtype)
+        b = torch.randn(16, 16, generator=gen).to(dtype)
+        exact = a.double() @ b.double()
+        got = torch.empty(16, 16)
+        product[(1,)](a, b, got, WIDEN=True)
+        torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-5)
+    raw = torch.empty(16, 16)
+    product[(1,)](a, b, raw, WIDEN=False)  # bf16 without the widening: the interpreter's bug
+    assert not torch.allclose(raw.double(), exact, rtol=1e-2, atol=1e-2)
