@@ -18,8 +18,10 @@ sizes an output from data, so no op waits for the GPU. The maths is the referenc
   the upstream gradient (a multiply, never a host read of it). `grad_W` accumulates in fp32 and
   is returned in the weight's dtype: under autocast (fp32 master weights, bf16 matmuls) it is
   the parameter's fp32 gradient itself, one fewer rounding than the reference's bf16 gradient
-  and no (V, H) cast in the backward. Chunks are H rows (`mlm_chunk_rows`): a chunk's logits
-  are never larger than W, and the peak memory stays at or below eager's at every M. fp16
+  and no (V, H) cast in the backward. Chunks are at most H rows, balanced (`mlm_chunk_rows`):
+  a chunk's logits are never larger than W, and the peak memory stays at or below eager's at
+  every M. The logits buffer's rows are padded to a multiple of 64 columns (28996 -> 29056),
+  so that every row starts 16-byte aligned and the kernel's accesses are 16 bytes wide. fp16
   gradients are written prescaled by FP16_GRAD_PRESCALE and unscaled in fp32, since the
   upstream gradient (fp16's loss scale) is not known when they are made.
 - MRFR (`mrfr_loss`): `mean((x @ W + b - target)^2)` over R x D, `W (H, D)` the image embedder's
@@ -52,11 +54,15 @@ dtypes and devices, pick the matmul dtype under autocast), which the dispatchers
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 
 import torch
 import triton
 import triton.language as tl
+
+_log = logging.getLogger(__name__)
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LABEL_DTYPES = (torch.int32, torch.int64)
@@ -67,14 +73,18 @@ MRC_IGNORE_INDEX = 0  # background: the reference passes ignore_index=0
 # softmax's tail (p ~ 1e-5, count ~ 1e3), where the eager path under fp16 loss scaling multiplies
 # by the loss scale before rounding. A power of two: exact, and |1024 * (p - onehot)| <= 1024.
 FP16_GRAD_PRESCALE = 1024.0
-# Widest column step of one program. One step of a 28996-wide vocabulary row at 16384 fp32
-# values is 32 per thread at 16 warps: registers, not spills, and two steps per row.
-MAX_BLOCK = 16384
+# Widest column step of one program: 16 values per thread at 16 warps. 16384 (two steps of a
+# 28996-wide vocabulary row) spilled a few bytes in fp32 under triton 3.6's ptxas at 16 warps
+# (benchmarks/aot_compile.py); 8192 compiles clean in every dtype under 3.6 and 3.9.
+MAX_BLOCK = 8192
 # Fewest rows of an MLM chunk (`mlm_chunk_rows` makes chunks of H rows, at UNITER's H of 768
 # and 1024 well above it): below a few hundred rows a chunk's (rows x H) @ (H x V) matmul is too
 # small to hide its ~5 launches, and every chunk re-reads and re-writes the fp32 weight
 # gradient it accumulates into.
 MLM_MIN_CHUNK_ROWS = 256
+# MLM chunk starts are rounded to this many rows, and logits rows padded to this many columns.
+MLM_ROW_ALIGN = 64
+MLM_CHUNK_ALIGN = 16
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -89,7 +99,7 @@ def _row_config(n_cols: int, block: int | None) -> tuple[int, int]:
         block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
     elif block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    num_warps = 4 if block <= 2048 else 8 if block < 8192 else 16
     return block, num_warps
 
 
@@ -103,18 +113,29 @@ def _rne_by_hand(out: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _row_logsumexp(row_ptr, n_cols, BLOCK: tl.constexpr):
-    """log(sum(exp(row))) of one row of `n_cols` values, online over BLOCK-wide steps, in fp32."""
+def _row_logsumexp(row_ptr, label, n_cols, n_cols_mem, BLOCK: tl.constexpr):
+    """(log(sum(exp(row))), row[label]) of one row of `n_cols` values, online over BLOCK-wide
+    steps, in fp32; row[label] is 0 where `label` is outside [0, n_cols).
+
+    The row is read as `n_cols_mem` columns (its allocated width, >= n_cols; padded to a
+    multiple of 64 by `mlm_forward`, so the loads are provably aligned and vectorise) and the
+    columns past n_cols are masked out by value. The label's logit is taken in this same pass,
+    so a kernel that then overwrites the row in place never reads it back (warps of one program
+    are not ordered: a later read could see another warp's write).
+    """
     m = float("-inf")
     s = 0.0
-    for start in range(0, n_cols, BLOCK):
+    target = 0.0
+    for start in range(0, n_cols_mem, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols_mem, other=float("-inf")).to(tl.float32)
+        x = tl.where(cols < n_cols, x, float("-inf"))
+        target += tl.sum(tl.where(cols == label, x, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # Rescale the running sum to the new maximum, so no exp ever overflows.
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    return m + tl.log(s)
+    return m + tl.log(s), target
 
 
 @triton.jit
@@ -143,6 +164,7 @@ def _ce_fwd_kernel(
     logits_stride_row,
     grad_stride_row,
     n_cols,
+    n_cols_mem,
     IGNORE_INDEX: tl.constexpr,
     STORE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
@@ -152,27 +174,30 @@ def _ce_fwd_kernel(
     """One row: loss = logsumexp(x) - x[label] (0 where label == IGNORE_INDEX).
 
     With WRITE_GRAD, also (softmax(x) - onehot(label)) * grad_scale into the grad row, which may
-    be the logits row itself (each step reads its columns before writing them).
+    be the logits row itself (each step reads its columns before writing them, in the same
+    threads). Rows are `n_cols_mem` wide in memory (see `_row_logsumexp`); the gradient's
+    columns past n_cols get zeros.
     """
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_stride_row
     label = tl.load(labels_ptr + row).to(tl.int64)
-    lse = _row_logsumexp(row_ptr, n_cols, BLOCK)
     counted = label != IGNORE_INDEX
     # A label outside [0, n_cols) breaks the caller's contract (checked on CPU tensors only, as
-    # checking on the GPU would sync); the mask keeps the read inside the row regardless.
-    target = tl.load(row_ptr + label, mask=counted & (label >= 0) & (label < n_cols), other=0.0)
-    tl.store(loss_ptr + row, tl.where(counted, lse - target.to(tl.float32), 0.0))
+    # checking on the GPU would sync); its target logit is then 0, and nothing is read past
+    # the row.
+    lse, target = _row_logsumexp(row_ptr, label, n_cols, n_cols_mem, BLOCK)
+    tl.store(loss_ptr + row, tl.where(counted, lse - target, 0.0))
     if STORE_LSE:
         tl.store(lse_ptr + row, lse)
     if WRITE_GRAD:
         scale = tl.where(counted, tl.load(grad_scale_ptr).to(tl.float32), 0.0)
         out_ptr = grad_ptr + row * grad_stride_row
-        for start in range(0, n_cols, BLOCK):
+        for start in range(0, n_cols_mem, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            ok = cols < n_cols
+            ok = cols < n_cols_mem
             x = tl.load(row_ptr + cols, mask=ok, other=0.0).to(tl.float32)
             g = (tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
+            g = tl.where(cols < n_cols, g, 0.0)
             tl.store(out_ptr + cols, _rounded_for(g, out_ptr, RNE_BF16), mask=ok)
 
 
@@ -224,7 +249,7 @@ def _kl_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_stride_row
     t_ptr = target_ptr + row * target_stride_row
-    lse = _row_logsumexp(row_ptr, n_cols, BLOCK)
+    lse, _ = _row_logsumexp(row_ptr, -1, n_cols, n_cols, BLOCK)
     acc = 0.0
     t_sum = 0.0
     for start in range(0, n_cols, BLOCK):
@@ -400,7 +425,8 @@ def _addmm_widens(device: torch.device, dtype: torch.dtype) -> bool:
     with no widened operand copies.
 
     A capability probe, run once per device and dtype: the op either exists for this backend and
-    dtype or raises at dispatch, before anything is launched.
+    dtype or raises at dispatch, before anything is launched. The path taken is logged once
+    (a warning for the fallback, which costs a widened copy of each operand).
     """
     if device.type != "cuda":
         return False
@@ -408,9 +434,59 @@ def _addmm_widens(device: torch.device, dtype: torch.dtype) -> bool:
     c = torch.zeros(16, 16, dtype=torch.float32, device=device)
     try:
         torch.addmm(c, a, a, beta=0, out_dtype=torch.float32, out=c)
-    except (RuntimeError, TypeError, NotImplementedError):
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        _log.warning(
+            "MLM head: torch %s refuses addmm(out_dtype=float32) for %s on %s (%s); the fp32 "
+            "weight gradient is accumulated from widened copies in TF32 products, exact for %s "
+            "operands",
+            torch.__version__,
+            dtype,
+            device,
+            str(exc).splitlines()[0][:120],
+            dtype,
+        )
         return False
+    _log.info("MLM head: %s products accumulate into fp32 with addmm(out_dtype)", dtype)
     return True
+
+
+def mlm_weight_grad_path(device: torch.device | str, dtype: torch.dtype) -> str:
+    """How the fused MLM head accumulates a wider weight gradient from `dtype` products on
+    `device`, in a few words (for the start-up log)."""
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return "fp32 GEMMs"
+    if _addmm_widens(device, dtype):
+        return f"{_short(dtype)} GEMMs into fp32 (addmm out_dtype)"
+    if device.type == "cuda":
+        return f"widened {_short(dtype)} operands, TF32 GEMMs (torch lacks addmm out_dtype)"
+    return f"widened {_short(dtype)} operands, fp32 GEMMs ({device.type})"
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+@contextlib.contextmanager
+def _tf32_products():
+    """fp32 GEMMs on tensor cores (TF32) within, for operands that are widened bf16 or fp16:
+    their values have at most 11 significant bits, which TF32's 11 hold exactly, so the
+    products and the fp32 sums are those of the bf16/fp16 GEMM."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch 2.9+
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+    else:
+        before = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = before
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool):
@@ -425,21 +501,26 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumul
         torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
     else:
         # CPU and older torch: widened operands. bf16/fp16 products are exact in fp32, so this is
-        # the same sum as the GPU path's, at the cost of a widened copy of each operand.
+        # the same sum as the GPU path's, at the cost of a widened copy of each operand; on CUDA
+        # the fp32 GEMM runs in TF32, which is exact for such operands (`_tf32_products`), so
+        # the fallback keeps the tensor cores.
         a, b = a.to(out.dtype), b.to(out.dtype)
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
+        cores = _tf32_products() if out.device.type == "cuda" else contextlib.nullcontext()
+        with cores:
+            if accumulate:
+                out.addmm_(a, b)
+            else:
+                torch.mm(a, b, out=out)
 
 
 # --- MLM: chunked linear + cross-entropy --------------------------------------------------------
 
 
 def mlm_chunk_rows(rows: int, hidden: int) -> int:
-    """Rows of logits made at once: H (at least MLM_MIN_CHUNK_ROWS), so that a chunk's logits are
-    never larger than W itself, and the fused path's peak memory stays at or below the eager
-    path's at every row count.
+    """Rows of logits made at once: at most H (at least MLM_MIN_CHUNK_ROWS), so that a chunk's
+    logits are never larger than W itself and the fused path's peak memory stays at or below the
+    eager path's at every row count; as few chunks as that allows, of equal size (rounded up to
+    MLM_CHUNK_ALIGN rows), so that no chunk pays a whole weight-gradient pass for a few rows.
 
     In training's setting (fp32 W, bf16 matmuls under autocast; bytes, for M rows in chunks of
     c rows, V x H the decoder): eager peaks at max(6VH, 2VH + 12MV): its bf16 weight gradient
@@ -453,7 +534,15 @@ def mlm_chunk_rows(rows: int, hidden: int) -> int:
     (8 bytes per element of W) and launches ~5 kernels, so chunks are as large as the memory
     bound allows (Liger's rule, chunk logits no larger than x, would give 64-row chunks here).
     """
-    return max(1, min(rows, max(hidden, MLM_MIN_CHUNK_ROWS)))
+    cap = max(hidden, MLM_MIN_CHUNK_ROWS)
+    if rows <= cap:
+        return max(1, rows)
+    # As few chunks as the cap allows, of (nearly) equal size: 770 rows at H = 768 make 400 + 370,
+    # not 768 + 2 (a full V x H weight-gradient pass for two rows). Rounded up to whole
+    # MLM_CHUNK_ALIGN-row steps, which never adds a chunk.
+    chunks = -(-rows // cap)
+    even = -(-rows // chunks)
+    return min(cap, -(-even // MLM_CHUNK_ALIGN) * MLM_CHUNK_ALIGN)
 
 
 def mlm_forward(
@@ -521,12 +610,16 @@ def mlm_forward(
         grad_w = torch.zeros((vocab, hidden), dtype=weight.dtype, device=device)
     grad_b_acc = torch.zeros((vocab,), dtype=torch.float32, device=device) if need_gb else None
 
-    logits_buf = _empty((chunk_rows, vocab), compute_dtype, device)
+    # Rows padded to a multiple of 64 columns (28996 -> 29056): every row then starts 16-byte
+    # aligned, so the kernel's loads and stores vectorise (2-byte accesses otherwise) and the
+    # GEMMs get an aligned leading dimension. The padding is never part of `logits`.
+    vocab_mem = triton.cdiv(vocab, MLM_ROW_ALIGN) * MLM_ROW_ALIGN
+    logits_buf = _empty((chunk_rows, vocab_mem), compute_dtype, device)
     logits = None
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
         n = stop - start
-        logits = logits_buf[:n]
+        logits = logits_buf[:n, :vocab]
         x_chunk = x_c[start:stop]
         # b + x W^T in one GEMM (the bias in its epilogue), as F.linear rounds it.
         torch.addmm(b_c, x_chunk, w_c.t(), out=logits)
@@ -540,6 +633,7 @@ def mlm_forward(
             logits.stride(0),
             logits.stride(0),
             vocab,
+            vocab_mem,
             IGNORE_INDEX=MLM_IGNORE_INDEX,
             STORE_LSE=False,
             WRITE_GRAD=write_grad,
@@ -847,6 +941,7 @@ def mrc_forward(
             logits.stride(0),
             logits.stride(0),
             n_cols,
+            n_cols,
             IGNORE_INDEX=MRC_IGNORE_INDEX,
             STORE_LSE=True,
             WRITE_GRAD=False,
@@ -1043,6 +1138,7 @@ __all__ = [
     "mlm_chunk_rows",
     "mlm_forward",
     "mlm_loss",
+    "mlm_weight_grad_path",
     "mrc_backward",
     "mrc_forward",
     "mrc_loss",

@@ -273,13 +273,21 @@ def test_mlm_grads_only_where_needed(rng):
 
 
 def test_mlm_chunk_rows_rule():
-    # Chunks of H rows (at least MLM_MIN_CHUNK_ROWS): a chunk's logits are never larger than W.
+    # At most H rows (at least MLM_MIN_CHUNK_ROWS): a chunk's logits are never larger than W.
     assert K.mlm_chunk_rows(100, 768) == 100
     assert K.mlm_chunk_rows(768, 768) == 768
-    assert K.mlm_chunk_rows(2048, 768) == 768
     assert K.mlm_chunk_rows(2048, 1024) == 1024
-    assert K.mlm_chunk_rows(2048, 32) == K.MLM_MIN_CHUNK_ROWS
     assert K.mlm_chunk_rows(0, 768) == 1
+    # Balanced: 770 rows are 400 + 370, not 768 + 2.
+    assert K.mlm_chunk_rows(770, 768) == 400
+    for hidden in (32, 768, 1024):
+        cap = max(hidden, K.MLM_MIN_CHUNK_ROWS)
+        for rows in range(cap + 1, 6 * cap, 7):
+            chunk = K.mlm_chunk_rows(rows, hidden)
+            chunks = -(-rows // chunk)
+            last = rows - (chunks - 1) * chunk
+            assert chunk <= cap and chunks == -(-rows // cap), (rows, hidden, chunk)
+            assert chunk - last <= K.MLM_CHUNK_ALIGN * chunks, (rows, hidden, chunk, last)
 
 
 # --- MRFR ---------------------------------------------------------------------------------------
@@ -624,3 +632,41 @@ def test_cuda_peak_memory_no_higher_than_eager(name, rows, hidden):
         torch.cuda.synchronize()
         peaks[label] = torch.cuda.max_memory_allocated() - base
     assert peaks["fused"] <= peaks["eager"], peaks
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_mlm_fallback_without_addmm_out_dtype_matches(monkeypatch):
+    """Where torch refuses addmm(out_dtype=fp32), the MLM head widens its operands and runs the
+    fp32 GEMMs in TF32 (exact for bf16 values): the same gradients to fp32 rounding."""
+    fused, _, inputs, diff = _uniter_case("mlm", 1000, 768)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = _loss_and_grads(fused, inputs, diff)
+    monkeypatch.setattr(K, "_addmm_widens", lambda device, dtype: False)
+    before = torch.backends.cuda.matmul.fp32_precision
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        slow = _loss_and_grads(fused, inputs, diff)
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    for a, b in zip((fast[0], *fast[1]), (slow[0], *slow[1]), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6 * b.abs().max())
+
+
+def test_mlm_weight_gradient_path_is_described():
+    assert K.mlm_weight_grad_path("cpu", torch.float32) == "fp32 GEMMs"
+    path = K.mlm_weight_grad_path("cpu", torch.bfloat16)
+    assert path == "widened bf16 operands, fp32 GEMMs (cpu)"
+    from uniter_fast.ops import describe_kernels
+
+    # Only CUDA lines carry it (the probe needs the device).
+    assert "MLM weight gradient" not in describe_kernels("triton", "cpu", torch.bfloat16)
+
+
+def test_tf32_products_restores_the_setting():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with K._tf32_products():
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), K._tf32_products():
+        raise RuntimeError("inside")
+    assert matmul.fp32_precision == before

@@ -33,9 +33,24 @@ from .ot import (
 )
 
 
-def describe_kernels(backend: str, device: torch.device | str) -> str:
-    """Which path each loss op takes for `backend` on `device`, in one line (for the logs)."""
+def describe_kernels(
+    backend: str, device: torch.device | str, matmul_dtype: torch.dtype | None = None
+) -> str:
+    """Which path each loss op takes for `backend` on `device`, in one line (for the logs).
+
+    matmul_dtype: the autocast dtype of the run, when known: on CUDA the line then also says how
+    the fused MLM head accumulates its fp32 weight gradient (probed once, see
+    `kernels.masked_losses.mlm_weight_grad_path`)."""
     device = torch.device(device)
+    line = _kernel_paths(backend, device)
+    if device.type == "cuda" and matmul_dtype is not None and not line.startswith("reference"):
+        from ..kernels.masked_losses import mlm_weight_grad_path
+
+        line += f"; MLM weight gradient: {mlm_weight_grad_path(device, matmul_dtype)}"
+    return line
+
+
+def _kernel_paths(backend: str, device: torch.device) -> str:
     if backend == "reference":
         return "reference PyTorch ops (fused kernels switched off)"
     if backend == "triton":

@@ -583,7 +583,7 @@ def _build_engine(run: Run, rank: int, world: int):
     log.info("attention: %s", choice.describe())
     if choice.warning:
         log.warning("attention: %s", choice.warning)
-    log.info("loss kernels: %s", describe_kernels(cfg.kernels, run.device))
+    log.info("loss kernels: %s", describe_kernels(cfg.kernels, run.device, dtype))
     return engine, saved, choice
 
 
