@@ -278,3 +278,20 @@ def test_results_go_outside_the_repository_by_default(tmp_path, monkeypatch):
     new = save_result("probe", payload, Path(f"{tmp_path}/new/"))  # no suffix: a new folder
     assert new.parent == tmp_path / "new" and new.name.startswith("probe-cpu-")
     assert "runs/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_host_overhead_counts_kernels_and_times_the_host(tmp_path):
+    """The host-bound measurement: kernels per step from a dispatch counter over the real fast
+    step (Triton launches included), the host's time per step, the predicted GPU time."""
+    result = run_benchmark(
+        "host_overhead.py", "--quick", "--models", "base", "--steps", "1", out=tmp_path / "h.json"
+    )
+    (row,) = result["models"]
+    assert row["layers"] == 2 and row["tiny_hidden"] == 4 * 12
+    assert row["kernels_per_step"] == row["aten_kernels_per_step"] + row["triton_launches_per_step"]
+    # Each ITM micro-batch launches the IPOT forward and backward, each MLM one the
+    # cross-entropy per chunk: the counter sees the kernels, not only ATen.
+    assert row["triton_launches_per_step"] >= 1
+    assert row["aten_kernels_per_step"] > 100
+    assert row["host_ms_per_step"] > 0 and row["predicted_gpu_ms_per_step"] > 0
+    assert row["host_bound"] == (row["host_ms_per_step"] > row["predicted_gpu_ms_per_step"] / 2)
