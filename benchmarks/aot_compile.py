@@ -44,8 +44,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # The interpreter replaces every kernel by a Python function when triton is imported: this
-# script needs the compiler, so the variable must be gone before anything imports triton.
-if os.environ.pop("TRITON_INTERPRET", None) is not None:
+# script needs the compiler, so run as a script it restarts without the variable. (Imported, by
+# the tests, it only lends its parsers and case lists, which need no compiler.)
+if __name__ == "__main__" and os.environ.pop("TRITON_INTERPRET", None) is not None:
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

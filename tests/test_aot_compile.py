@@ -85,8 +85,8 @@ def test_variants_come_from_the_launchers_selection(monkeypatch):
     assert configs(before) == {16, 32, 64, 128}
     original = ipot._launch_config
 
-    def with_extra_warps(m, n, h, **kw):
-        config = original(m, n, h, **kw)
+    def with_extra_warps(m, n, h, *args, **kw):
+        config = original(m, n, h, *args, **kw)
         if config["BLOCK_M"] == 16 and config["BLOCK_N"] == 16:
             config["num_warps"] = 1 if m <= 8 else config["num_warps"]
         return config
