@@ -37,6 +37,7 @@ import io
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -422,8 +423,6 @@ def compile_case(case: Case, arch: int) -> list[dict]:
 def _cached_report(kernel) -> dict:
     """The report of a kernel whose cubin came from Triton's cache (no ptxas log): read the
     cubin's resource usage with cuobjdump (spill bytes are not in it; the stack frame is)."""
-    import subprocess
-
     from triton import knobs
 
     cuobjdump = knobs.nvidia.cuobjdump.path
@@ -448,8 +447,6 @@ def _cached_report(kernel) -> dict:
 
 
 def _ptxas_version() -> str | None:
-    import subprocess
-
     from triton import knobs
 
     try:

@@ -57,7 +57,7 @@ def recipe(args, device: str) -> dict:
     return cfg
 
 
-def end_losses(run_dir: Path, steps: int) -> dict:
+def end_losses(run_dir: Path) -> dict:
     """Per task: mean training loss over the last tenth of its steps; validation loss."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("split") != "val" and "task" in r]
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             print(f"convergence: the {name} run failed (exit {proc.returncode})", file=sys.stderr)
             return 1
-        results[name] = end_losses(run_dir / "run", args.steps)
+        results[name] = end_losses(run_dir / "run")
     fast, ref = results["fast"], results["reference"]
     compared = {}
     for key in sorted(set(fast) & set(ref)):

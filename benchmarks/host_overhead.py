@@ -137,7 +137,7 @@ def tiny_width(config: UniterConfig) -> UniterConfig:
     )
 
 
-def _batches(provider, tokens: int, count: int, seed: int) -> dict:
+def _batches(provider, tokens: int, count: int, seed: int) -> tuple[dict, dict]:
     pairs, negatives = e2e.make_pairs(e2e.pairs_needed(count, tokens), 1, seed)
     examples = {
         t: e2e.fill_task_batches(

@@ -473,20 +473,17 @@ def _tf32_products():
     their values have at most 11 significant bits, which TF32's 11 hold exactly, so the
     products and the fp32 sums are those of the bf16/fp16 GEMM."""
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch 2.9+
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = before
+    # torch 2.9+ names the setting fp32_precision; older versions allow_tf32.
+    if hasattr(matmul, "fp32_precision"):
+        name, value = "fp32_precision", "tf32"
     else:
-        before = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = before
+        name, value = "allow_tf32", True
+    before = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool):
