@@ -196,8 +196,10 @@ def _ce_fwd_kernel(
             cols = start + tl.arange(0, BLOCK)
             ok = cols < n_cols_mem
             x = tl.load(row_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            # Columns past n_cols hold whatever the buffer held: -inf makes their gradient 0
+            # without ever computing on it (exp of stale bits could overflow).
+            x = tl.where(cols < n_cols, x, float("-inf"))
             g = (tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
-            g = tl.where(cols < n_cols, g, 0.0)
             tl.store(out_ptr + cols, _rounded_for(g, out_ptr, RNE_BF16), mask=ok)
 
 
