@@ -106,6 +106,18 @@ class Batch:
         mrc_soft_target float [R, 1601]  soft labels of the masked regions (MRC, MRC-kl)
         mrc_label   int64 [R]      1 + argmax(soft[1:]) (MRC; background never the target)
         itm_target  int64 [B]      1 for matching pairs, 0 for negatives (ITM)
+
+    Static shapes (`uniter_fast.data.static.pad_static`): every size above is then a cap of the
+    `StaticShape` in `padding`, and the padding is inert. Pair slots past the real pairs have
+    `itm_target` -100 (ignored); MLM targets past the real ones have label -100; masked regions
+    past the real ones have `mrm_valid` False, zero targets and `mrc_label` 0; padded text
+    tokens and regions embed into rows past `padding.shape.rows`, which are dropped; the packed
+    rows past the real ones form short filler sequences that no loss reads. `cu_seqlens` then
+    has more sequences than there are pair slots (`txt_len` is the shorter): the first
+    `num_pair_slots` sequences are the pairs. `num_tokens`, `num_pairs` and `num_txt_tokens`
+    count the real ones.
+        mrm_valid   bool [R]       real masked regions (static batches only; None otherwise)
+        padding     StaticPadding  the shape and the real sizes (None for dynamic batches)
     """
 
     task: str
@@ -131,19 +143,39 @@ class Batch:
     mrc_soft_target: torch.Tensor | None = None
     mrc_label: torch.Tensor | None = None
     itm_target: torch.Tensor | None = None
+    mrm_valid: torch.Tensor | None = None
+    padding: Any = None  # a `uniter_fast.data.static.StaticPadding` for static batches
 
     @property
     def num_pairs(self) -> int:
-        return int(self.txt_len.shape[0])
+        """Real image-text pairs."""
+        return self.padding.pairs if self.padding else int(self.txt_len.shape[0])
 
     @property
     def num_tokens(self) -> int:
         """Real positions N (text tokens plus regions): the throughput unit."""
+        if self.padding:
+            return self.padding.tokens
         return int(self.input_ids.shape[0] + self.img_feat.shape[0])
 
     @property
     def num_txt_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
+        return self.padding.txt_tokens if self.padding else int(self.input_ids.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the packed hidden states the encoder runs on (the cap for static batches)."""
+        return self.padding.shape.rows if self.padding else self.num_tokens
+
+    @property
+    def num_pair_slots(self) -> int:
+        """Pairs the ITM and WRA heads score: the real ones, plus the padding's slots."""
+        return int(self.txt_len.shape[0])
+
+    @property
+    def pair_cu_seqlens(self) -> torch.Tensor:
+        """`cu_seqlens` of the pair slots, (num_pair_slots + 1,): all of it for dynamic batches."""
+        return self.cu_seqlens[: self.num_pair_slots + 1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {

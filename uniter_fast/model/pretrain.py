@@ -14,6 +14,7 @@ from torch import nn
 from .. import ops
 from ..config import KERNEL_BACKENDS, UniterConfig
 from ..data.schema import IMG_DIM, IMG_LABEL_DIM, MRM_TASKS, Batch, check_task
+from ..data.static import IGNORE_INDEX
 from .attention import AttentionChoice, AttentionLayout
 from .embeddings import ImageEmbeddings, TextEmbeddings
 from .encoder import Encoder, Pooler
@@ -77,10 +78,12 @@ class UniterModel(nn.Module):
             self.embeddings.token_type_embeddings.weight[1],
             batch.img_masked if mask_regions else None,
         )
-        hidden = txt.new_zeros(batch.num_tokens, txt.shape[1])
+        # A static batch's padded tokens and regions land past its packed rows, and are dropped.
+        rows = batch.padding.embed_rows if batch.padding else batch.num_tokens
+        hidden = txt.new_zeros(rows, txt.shape[1])
         hidden.index_copy_(0, batch.txt_dest, txt)
         hidden.index_copy_(0, batch.img_dest, img.to(txt.dtype))
-        return hidden
+        return hidden[: batch.num_rows] if batch.padding else hidden
 
     def forward(self, batch: Batch, *, mask_regions: bool = False) -> torch.Tensor:
         hidden = self.embed(batch, mask_regions=mask_regions)
@@ -196,6 +199,10 @@ class UniterForPretraining(nn.Module):
             return self._mrc(hidden, batch, task, metrics)
         return self._itm(hidden, batch, metrics)
 
+    # Static batches (`uniter_fast.data.static`) carry padded targets: MLM labels and ITM
+    # targets -100, which cross-entropy ignores, and masked regions flagged in `mrm_valid`,
+    # whose losses are divided by the real count on the device.
+
     def _mlm(self, hidden: torch.Tensor, batch: Batch, metrics: bool) -> dict:
         head = self.cls.predictions
         x = head.transform(ops.gather_rows(hidden, batch.mlm_index))
@@ -205,19 +212,20 @@ class UniterForPretraining(nn.Module):
         out = {"loss": loss, "mlm": loss}
         if metrics:
             logits = head.decoder(x) + head.bias
-            out["mlm_acc"] = _accuracy(logits, batch.mlm_labels)
-            out["mlm_count"] = int(batch.mlm_labels.shape[0])
+            valid = batch.mlm_labels != IGNORE_INDEX if batch.padding else None
+            out["mlm_acc"] = _accuracy(logits, batch.mlm_labels, valid)
+            out["mlm_count"] = (
+                batch.padding.mlm_targets if batch.padding else int(batch.mlm_labels.shape[0])
+            )
         return out
 
     def _mrfr(self, hidden: torch.Tensor, batch: Batch) -> dict:
         x = self.feat_regress.net(ops.gather_rows(hidden, batch.mrm_index))
-        loss = ops.mrfr_loss(
-            x,
-            self.feat_regress.weight,
-            self.feat_regress.bias,
-            batch.mrfr_target,
-            backend=self.kernels,
-        )
+        args = (x, self.feat_regress.weight, self.feat_regress.bias, batch.mrfr_target)
+        if batch.mrm_valid is not None:
+            loss = ops.mrfr_loss_padded(*args, batch.mrm_valid)
+        else:
+            loss = ops.mrfr_loss(*args, backend=self.kernels)
         return {"loss": loss, "mrfr": loss}
 
     def _mrc(self, hidden: torch.Tensor, batch: Batch, task: str, metrics: bool) -> dict:
@@ -226,21 +234,29 @@ class UniterForPretraining(nn.Module):
             loss = ops.mrc_loss(logits, batch.mrc_label, backend=self.kernels)
         else:
             loss = ops.mrckl_loss(logits, batch.mrc_soft_target, backend=self.kernels)
+        valid = batch.mrm_valid
+        if valid is not None:
+            # Padded rows add 0 (label 0 is ignored; a zero target has no divergence): the
+            # mean over all rows times rows / real rows is the mean over the real rows.
+            loss = loss * (valid.shape[0] / valid.sum().to(loss.dtype))
         out = {"loss": loss, task: loss}
         if metrics:
-            out["mrc_acc"] = _accuracy(logits, batch.mrc_label)
-            out["mrc_count"] = int(batch.mrc_label.shape[0])
+            out["mrc_acc"] = _accuracy(logits, batch.mrc_label, valid)
+            out["mrc_count"] = (
+                batch.padding.mrm_targets if batch.padding else int(batch.mrc_label.shape[0])
+            )
         return out
 
     def _itm(self, hidden: torch.Tensor, batch: Batch, metrics: bool) -> dict:
-        pooled = self.uniter.pooler(hidden, batch.cu_seqlens[:-1].long())
+        cu_seqlens = batch.pair_cu_seqlens
+        pooled = self.uniter.pooler(hidden, cu_seqlens[:-1].long())
         scores = self.itm_output(pooled)
         itm = ops.itm_loss(scores, batch.itm_target)
         out = {"loss": itm, "itm": itm}
         if self.wra_weight > 0:
             distance = ops.wra_distance_packed(
                 hidden,
-                batch.cu_seqlens,
+                cu_seqlens,
                 batch.txt_len,
                 batch.img_len,
                 batch.max_txt_len,
@@ -252,10 +268,17 @@ class UniterForPretraining(nn.Module):
             out.update(ops.wra_loss(distance, batch.itm_target))
             out["loss"] = itm + self.wra_weight * out["wra"]
         if metrics:
-            out["itm_acc"] = _accuracy(scores, batch.itm_target)
-            out["itm_count"] = int(batch.itm_target.shape[0])
+            valid = batch.itm_target != IGNORE_INDEX if batch.padding else None
+            out["itm_acc"] = _accuracy(scores, batch.itm_target, valid)
+            out["itm_count"] = batch.num_pairs
         return out
 
 
-def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (logits.detach().argmax(dim=-1) == target).float().mean()
+def _accuracy(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Share of rows whose argmax is the target; only the `valid` rows when given."""
+    right = (logits.detach().argmax(dim=-1) == target).float()
+    if valid is None:
+        return right.mean()
+    return (right * valid).sum() / valid.sum()

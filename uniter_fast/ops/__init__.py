@@ -18,6 +18,7 @@ from .losses import (
     mrckl_loss,
     mrckl_loss_reference,
     mrfr_loss,
+    mrfr_loss_padded,
     mrfr_loss_reference,
     wra_loss,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "mrckl_loss",
     "mrckl_loss_reference",
     "mrfr_loss",
+    "mrfr_loss_padded",
     "mrfr_loss_reference",
     "wra_distance",
     "wra_distance_packed",

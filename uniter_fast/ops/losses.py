@@ -89,6 +89,25 @@ def mrfr_loss_reference(
     return F.mse_loss(pred, target.to(pred.dtype))
 
 
+def mrfr_loss_padded(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """`mrfr_loss_reference` over the `valid` rows of a static batch (`uniter_fast.data.static`).
+
+    valid: (R,) bool; target: zero on the other rows. The predictions of the other rows are
+    zeroed, so they add nothing to the loss or any gradient; the sum is divided by the real
+    element count on the device. (Always this PyTorch form: `AUTO_BACKEND` runs MRFR on the
+    reference, and the fused kernel has no row mask.)
+    """
+    pred = _widen(F.linear(x, weight.t(), bias)) * valid[:, None]
+    error = F.mse_loss(pred, target.to(pred.dtype), reduction="sum")
+    return error / (valid.sum() * pred.shape[1])
+
+
 def mrc_loss_reference(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the hard region label, ignore index 0, mean over the masked regions.
 
@@ -194,16 +213,19 @@ def itm_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def wra_loss(distance: torch.Tensor, itm_target: torch.Tensor) -> dict[str, torch.Tensor]:
     """The WRA objective from per-pair distances, without a host sync.
 
-    distance: (B,); itm_target: (B,) 1 for matching pairs. Returns
+    distance: (B,); itm_target: (B,) 1 for matching pairs, 0 for negatives, -100 for a static
+    batch's padded slots (not counted). Returns
     `wra` = (sum of positive distances - sum of negative distances) / B, and the mean distance of
     the positive and of the negative pairs (`wra_pos`, `wra_neg`; 0 when a batch has none).
     """
-    pos = itm_target.to(distance.dtype)
-    neg = 1 - pos
+    pos = (itm_target == 1).to(distance.dtype)
+    neg = (itm_target == 0).to(distance.dtype)
     pos_sum = (distance * pos).sum()
     neg_sum = (distance * neg).sum()
+    # Pairs counted on the device: B, less a static batch's padded slots (target -100).
+    pairs = pos.sum() + neg.sum()
     return {
-        "wra": (pos_sum - neg_sum) / distance.shape[0],
+        "wra": (pos_sum - neg_sum) / pairs,
         "wra_pos": pos_sum / pos.sum().clamp_min(1),
         "wra_neg": neg_sum / neg.sum().clamp_min(1),
     }
