@@ -18,6 +18,15 @@ flag on the host); `clip_grad_norm_` with foreach, which scales by `min(1, clip 
 device instead of asking whether the norm exceeds the threshold; fused AdamW, whose step
 counters live on the device; the learning rate is a host float computed from the step count.
 The norm comes back as a device tensor; reading it is the caller's choice (and a sync).
+
+`graphs="capture"` replays the micro-steps of batches padded to a static shape from CUDA graphs
+(`uniter_fast.train.graphs`), so the host issues one call per micro-batch instead of a thousand
+kernels; `step.micro(batch, task)` then runs forward and backward together:
+
+    step = TorchStep(model, cfg, total_steps=..., device="cuda", graphs="capture")
+    for task, batch in micro_batches:          # pad_static(...) batches
+        out = step.micro(batch, task)
+    step.step()
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from .engine import Schedule, param_groups
+from .graphs import GRAPH_MODES, GraphedMicroSteps
 
 STEP_PRECISIONS = ("bf16", "fp32")
 
@@ -41,7 +51,9 @@ class TorchStep:
     `model(batch, task)`). precision: "bf16" (autocast; the weights and the optimizer stay
     fp32) or "fp32". fused / foreach: the AdamW and clip implementations; None picks fused
     AdamW and foreach clipping on CUDA, foreach elsewhere. False for both gives the
-    reference's per-parameter loops (the authors' step in the benchmarks).
+    reference's per-parameter loops (the authors' step in the benchmarks). graphs: "off",
+    "capture" (CUDA graphs for padded batches, CUDA only) or "eager" (the same static-shape
+    bookkeeping without capture, any device); see `uniter_fast.train.graphs`.
     """
 
     def __init__(
@@ -55,6 +67,7 @@ class TorchStep:
         fused: bool | None = None,
         foreach: bool | None = None,
         forward_fn: Callable[[nn.Module, object, str], dict] | None = None,
+        graphs: str = "off",
     ):
         if precision not in STEP_PRECISIONS:
             raise ValueError(f"precision must be one of {STEP_PRECISIONS}, got {precision!r}")
@@ -83,6 +96,9 @@ class TorchStep:
             self.optimizer, Schedule(cfg, total_steps)
         )
         self.steps = 0
+        if graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
+        self.graphs = None if graphs == "off" else GraphedMicroSteps(self, mode=graphs)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -95,19 +111,36 @@ class TorchStep:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of the step's micro-batches add up (summed, as the reference sums them)."""
-        loss.backward()
+        if self.graphs is not None:
+            self.graphs.backward_eager(loss)
+        else:
+            loss.backward()
+
+    def micro(self, batch, task: str) -> dict:
+        """Forward and backward of one micro-batch; returns the forward's dict (with graphs,
+        detached copies of its tensors)."""
+        if self.graphs is not None:
+            return self.graphs.run(batch, task)
+        out = self.forward(batch, task)
+        self.backward(out["loss"])
+        return out
 
     def step(self) -> tuple[float, torch.Tensor]:
         """Clip the summed gradient, step AdamW at the scheduled lr, drop the gradients.
 
         Returns (the lr used, the gradient norm before clipping as a device tensor)."""
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.graphs is not None:
+            self.graphs.before_optimizer()
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, self.cfg.grad_clip, foreach=self.foreach or self.fused
         )
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.graphs is not None:
+            self.graphs.after_optimizer()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return lr, norm
 
