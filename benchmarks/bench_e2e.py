@@ -19,6 +19,11 @@ Providers:
   the step waits for the host; tests/test_step.py holds it to that).
 - `fast_deepspeed`: the same model through the trainer's engine (DeepSpeed ZeRO-1 on one rank,
   bf16 weights with fp32 master copies): what `train.py` runs. Present when deepspeed imports.
+- `fast_graphs`: `fast` with static shapes: every batch padded to one `StaticShape` covering
+  the run's batches (`uniter_fast.data.static`), and each task's forward and backward captured
+  once in a CUDA graph and replayed (`TorchStep(graphs="capture")`); on the CPU the same step
+  without capture (`graphs="eager"`). Its forward phase holds the backward too (one graph).
+  The remedy for a host-bound step (NOTES, "Is the fast step host-bound?").
 - `plain`: the same model and step with the fused kernels off (`kernels=reference`) and attention
   on the padded SDPA view: what the kernels and varlen attention buy.
 - `authors`: the reference's approach, re-implemented (`uniter_fast.authors`): padded batches, an
@@ -53,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import math
 import statistics
@@ -81,6 +87,7 @@ import uniter_fast as uf
 from uniter_fast.authors import collate as authors_collate
 from uniter_fast.authors import model as authors_model
 from uniter_fast.config import DEFAULT_MIX, OptimConfig, RunConfig, UniterConfig
+from uniter_fast.data.static import StaticShape, pad_static
 from uniter_fast.ops import describe_kernels
 from uniter_fast.tasks import TaskMixer
 from uniter_fast.train.step import TorchStep
@@ -90,7 +97,7 @@ QUESTION = (
     "How many real tokens/s does UNITER pretraining reach end to end (MFU, step split, memory), "
     "against the reference's approach and VisualBERT, on the same batches?"
 )
-PROVIDERS = ("fast", "fast_deepspeed", "plain", "authors", "visualbert")
+PROVIDERS = ("fast", "fast_graphs", "fast_deepspeed", "plain", "authors", "visualbert")
 MODELS = {
     "tiny": "configs/model/uniter-tiny.json",
     "base": "configs/model/uniter-base.json",
@@ -102,7 +109,7 @@ RECIPES = {
     "large": "configs/pretrain/uniter-large.yaml",
 }
 TINY_BUDGET = (2048, 2)  # the CPU runs: tokens per micro-batch, micro-batches per step
-CHECKED = ("fast", "plain", "authors")  # the providers whose losses must agree
+CHECKED = ("fast", "fast_graphs", "plain", "authors")  # the providers whose losses must agree
 # The published peak dense bf16 tensor FLOP/s of the GPUs we expect (no sparsity), for context
 # beside the measured peak; MFU is taken against the measured one.
 SPEC_PEAK_BF16_TFLOPS = {"h100": 989.4, "h200": 989.4, "a100": 312.0}
@@ -268,6 +275,10 @@ class Provider:
     state_bytes: Callable[[], int]
     describe: dict = field(default_factory=dict)
     losses: Callable[[object, str], dict] | None = None  # fp32 eval losses, for the check
+    # Turns the provider's collated host batches {task: [batch, ...]} into what it runs (once,
+    # before anything is timed); fast_graphs pads them to one static shape here.
+    finalize: Callable[[dict], dict] | None = None
+    stats: Callable[[], dict] | None = None  # counters for the result (fast_graphs: graphs)
 
 
 def _pin(batch, cuda: bool):
@@ -355,6 +366,40 @@ def _make_ours(name: str, kernels: str, attention: str):
         return _from_step(name, step, *_our_io(s), describe, model)
 
     return make
+
+
+def make_fast_graphs(config, optim, s: Settings, weights) -> Provider:
+    """`fast` on static shapes, its micro-steps captured in CUDA graphs (module docstring)."""
+    model = _ours(config, s, weights, kernels="auto", attention="auto")
+    graphs = "capture" if s.cuda else "eager"
+    step = TorchStep(
+        model, optim, total_steps=10**6, device=s.device, precision=s.precision, graphs=graphs
+    )
+    choice = model.attention_choice
+    describe = {
+        "attention": choice.describe() if choice else None,
+        "kernels": describe_kernels("auto", s.device),
+        "graphs": graphs,
+    }
+
+    def finalize(host: dict) -> dict:
+        shape = StaticShape.covering(b for batches in host.values() for b in batches)
+        padded = {t: [_pin(pad_static(b, shape), s.cuda) for b in bs] for t, bs in host.items()}
+        rows = sum(b.num_rows for bs in padded.values() for b in bs)
+        tokens = sum(b.num_tokens for bs in padded.values() for b in bs)
+        provider.describe["static_shape"] = dataclasses.asdict(shape)
+        provider.describe["padded_rows_per_real_token"] = rows / tokens
+        # Every task's graph captured now, so that no timed step pays for a capture.
+        for task, batches in padded.items():
+            step.graphs.prepare(batches[0], task)
+        return padded
+
+    provider = _from_step("fast_graphs", step, _our_io(s)[0], lambda b: b, describe, model)
+    provider.forward = step.micro
+    provider.backward = lambda loss: None
+    provider.finalize = finalize
+    provider.stats = step.graphs.describe
+    return provider
 
 
 def make_authors(config, optim, s: Settings, weights) -> Provider:
@@ -491,6 +536,7 @@ def visualbert_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 MAKERS = {
     "fast": _make_ours("fast", kernels="auto", attention="auto"),
+    "fast_graphs": make_fast_graphs,
     "fast_deepspeed": make_fast_deepspeed,
     "plain": _make_ours("plain", kernels="reference", attention="sdpa"),
     "authors": make_authors,
@@ -741,6 +787,8 @@ def bench_model(model_name: str, s: Settings, peak: dict) -> dict:
                 host[name][task].append(p.collate(ex, task))
                 times.append((time.perf_counter() - t0) * 1e3)
         collate_ms[name] = statistics.median(times)
+        if p.finalize is not None:
+            host[name] = p.finalize(host[name])
 
     agreement = check_agreement(providers, host, tasks, s)
 
@@ -799,6 +847,8 @@ def bench_model(model_name: str, s: Settings, peak: dict) -> dict:
                 "holds every provider's weights and optimizer state (all stay on the device)",
             }
         memory["state_bytes"] = p.state_bytes()
+        if p.stats is not None:
+            p.describe["graph_stats"] = p.stats()
         results[name] = {
             "tokens_per_s": tokens / wall,
             "pairs_per_s": sum(r["pairs"] for r in per_round) / wall,
@@ -821,7 +871,7 @@ def bench_model(model_name: str, s: Settings, peak: dict) -> dict:
     # Speed-ups: the median over rounds of the per-round tokens/s ratios (rounds interleave the
     # providers, so a slow spell of a shared machine lands on all of them alike).
     speedups = {}
-    for base in ("authors", "visualbert", "plain"):
+    for base in ("authors", "visualbert", "plain", "fast"):
         if base not in results:
             continue
         speedups[base] = {

@@ -16,10 +16,11 @@
 #   phase        box   what
 #   setup         45s  wheels, the C++ extension, nvidia-smi, versions
 #   tests        100s  the GPU tests: compiled kernels against references, no host sync in the
-#                      step, attention backends agreeing, the pinned hand-over
+#                      step, attention backends agreeing, the pinned hand-over, the captured
+#                      step against the eager one
 #   kernels       60s  bench_ipot.py and bench_masked_losses.py at their target cases
 #   sweep         45s  warps / block sizes of the IPOT and cross-entropy kernels, 132 vs 133 pairs
-#   e2e-base      50s  bench_e2e.py, base, every provider
+#   e2e-base      50s  bench_e2e.py, base, every provider (fast_graphs: static shapes, CUDA graphs)
 #   e2e-large     50s  the same for large
 #   budget        40s  tokens/s of `fast` base at three token budgets
 #   convergence   90s  200 steps of base, fast paths in bf16 against reference paths in fp32
@@ -100,7 +101,7 @@ if ((dry)); then
     $py benchmarks/bench_masked_losses.py ${dev[*]} --quick --losses mrc --out '$out'"
   phase sweep 120 $py benchmarks/sweep_kernels.py "${dev[@]}" --quick --out "$out"
   phase e2e-base 180 $py benchmarks/bench_e2e.py "${dev[@]}" --quick --models tiny \
-    --providers fast plain --out "$out"
+    --providers fast fast_graphs plain --out "$out"
   phase e2e-large 120 $py benchmarks/bench_e2e.py "${dev[@]}" --quick --models tiny \
     --providers fast --out "$out"
   phase budget 120 $py benchmarks/bench_e2e.py "${dev[@]}" --quick --models tiny \
@@ -110,8 +111,8 @@ else
   phase setup 45 bash -c "py=$py; $(declare -f setup); setup"
   phase tests 100 $py -m pytest -q -p no:cacheprovider "${xdist[@]}" \
     --junitxml="$out/gpu-tests.xml" tests/test_kernels_ipot.py tests/test_kernels_losses.py \
-    tests/test_step.py tests/test_attention.py tests/test_handover.py tests/test_pipeline.py \
-    -m "gpu or not slow"
+    tests/test_step.py tests/test_static.py tests/test_attention.py tests/test_handover.py \
+    tests/test_pipeline.py -m "gpu or not slow"
   phase kernels 60 bash -c "$py benchmarks/bench_ipot.py --batch-sizes 256 --hidden-sizes 1024 --out '$out' && \
     $py benchmarks/bench_masked_losses.py --out '$out'"
   phase sweep 45 $py benchmarks/sweep_kernels.py --out "$out"

@@ -154,6 +154,16 @@ def e2e_rows(results, budget_results) -> list[dict]:
                 rows.append(
                     _row(f"{model}: fast >= 3x the authors' tokens/s", f"{vs:.2f}x", vs >= 3)
                 )
+            graphs = entry.get("speedup_tokens_per_s", {}).get("fast", {}).get("fast_graphs")
+            if graphs is not None:
+                rows.append(
+                    _row(
+                        f"{model}: fast_graphs >= fast (static shapes + CUDA graphs; predicted "
+                        "faster where the step is host-bound)",
+                        f"{graphs:.2f}x",
+                        graphs >= 1,
+                    )
+                )
             for other in ("plain", "fast_deepspeed", "visualbert"):
                 ratio = entry.get("speedup_tokens_per_s", {}).get(other, {}).get("fast")
                 if ratio is not None:
