@@ -18,6 +18,14 @@ autograd engine, the allocator, our launchers.
   interpreter would otherwise time its own emulation); the launchers' own work (checks,
   allocations) stays in.
 
+- With CUDA graphs (`fast_graphs`, `TorchStep(graphs="capture")`): what the host still issues
+  per step. Per micro-batch: one copy into the graph's static inputs per tensor field of the
+  padded batch, one replay, one copy out per loss output; per step: the optimizer (clipping,
+  fused AdamW, the gradient buffers' hand-over). The ops are counted the same way (the step run
+  with graphs="eager", which issues exactly these ops around the captured part) and the host time
+  is that of the optimizer measured here plus the copies at the eager step's time per kernel;
+  the replay call itself (microseconds) is not in it.
+
 The predicted GPU time per step (useful FLOPs over the MFU NOTES.md predicts, at the H200's
 measured bf16 rate) is printed beside it: the step is host-bound when the host needs more than
 half of it. The CPU here is not the GPU machine's host (16 cores there), so the host time is an
@@ -43,6 +51,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from workload import train_flops  # noqa: E402
 
 from uniter_fast.config import OptimConfig, UniterConfig  # noqa: E402
+from uniter_fast.data.static import StaticShape, pad_static  # noqa: E402
+from uniter_fast.train.step import TorchStep  # noqa: E402
 
 # ATen ops that launch no device work: views, metadata, allocation without a fill.
 NO_KERNEL = {
@@ -155,6 +165,39 @@ def _count(provider, plan, host) -> tuple[CountKernels, int]:
     return counter, launches.count
 
 
+def _graphed_host(provider, config, optim, plan, host, steps: int) -> dict:
+    """Ops the host issues per step with the micro-steps in CUDA graphs, and the optimizer's
+    host time (module docstring): the same model and batches, padded, graphs="eager"."""
+    step = TorchStep(
+        provider.model, optim, total_steps=10**6, device="cpu", precision="fp32", graphs="eager"
+    )
+    shape = StaticShape.covering(b for batches in host.values() for b in batches)
+    padded = {t: [pad_static(b, shape) for b in bs] for t, bs in host.items()}
+    copies, times, optimizer_ops = 0, [], 0
+    with TritonLaunches(skip=True):
+        for k in range(steps + 1):
+            for task, i in plan[0]:
+                batch = padded[task][i]
+                out = step.micro(batch, task)
+                if k == 0:
+                    copies += len(batch.tensors()) + len(out)
+            counter = CountKernels()
+            t0 = time.perf_counter()
+            with counter:
+                step.step()
+            if k:
+                times.append(time.perf_counter() - t0)
+            optimizer_ops = sum(counter.ops.values())
+    return {
+        "static_shape": dataclasses.asdict(shape),
+        "replays_per_step": len(plan[0]),
+        "copies_per_step": copies,
+        "optimizer_ops_per_step": optimizer_ops,
+        "kernels_per_step": copies + optimizer_ops,
+        "optimizer_host_ms": 1000 * sorted(times)[len(times) // 2],
+    }
+
+
 def measure_model(name: str, args) -> dict:
     real = UniterConfig.from_json(e2e.REPO_ROOT / e2e.MODELS[name])
     s = e2e.parse_args(["--device", "cpu", "--models", name, "--providers", "fast"])
@@ -194,6 +237,7 @@ def measure_model(name: str, args) -> dict:
         with TritonLaunches(skip=True), torch.profiler.profile() as prof:
             e2e.run_steps(provider, plan, {"fast": small}, None)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    graphed = _graphed_host(provider, config, optim, plan, small, args.steps)
     # Predicted GPU time of the real-width step at the recipe's budget.
     shapes = {t: [e2e.BatchShape.of(b, t) for b in examples[t]] for t in examples}
     flops_step = sum(train_flops(real, shapes[t][i], t) for t, i in plan[0])
@@ -219,6 +263,11 @@ def measure_model(name: str, args) -> dict:
         "predicted_gpu_ms_per_step": gpu_ms,
         "host_over_gpu": host_ms / gpu_ms,
         "host_bound": host_ms > gpu_ms / 2,
+        "graphed": {
+            **graphed,
+            "host_ms_per_step": graphed["optimizer_host_ms"]
+            + graphed["copies_per_step"] * host_ms / small_kernels,
+        },
     }
 
 
@@ -248,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             f"vs predicted GPU {r['predicted_gpu_ms_per_step']:.0f} ms: "
             f"{'HOST-BOUND' if r['host_bound'] else 'not host-bound'} "
             f"(host/GPU {r['host_over_gpu']:.2f})"
+        )
+        g = r["graphed"]
+        print(
+            f"  with CUDA graphs: {g['replays_per_step']} replays + {g['kernels_per_step']} "
+            f"kernels per step ({g['copies_per_step']} copies in and out, "
+            f"{g['optimizer_ops_per_step']} optimizer), host about {g['host_ms_per_step']:.1f} ms"
         )
     payload = {
         "benchmark": "host_overhead",

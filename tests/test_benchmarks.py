@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from uniter_fast.data.static import StaticShape
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -295,3 +297,26 @@ def test_host_overhead_counts_kernels_and_times_the_host(tmp_path):
     assert row["aten_kernels_per_step"] > 100
     assert row["host_ms_per_step"] > 0 and row["predicted_gpu_ms_per_step"] > 0
     assert row["host_bound"] == (row["host_ms_per_step"] > row["predicted_gpu_ms_per_step"] / 2)
+    # With CUDA graphs the host issues the copies in and out and the optimizer, a small fraction
+    # of the eager step's kernels.
+    graphed = row["graphed"]
+    assert graphed["replays_per_step"] == row["grad_accum"]
+    assert graphed["kernels_per_step"] == (
+        graphed["copies_per_step"] + graphed["optimizer_ops_per_step"]
+    )
+    assert 0 < graphed["kernels_per_step"] < row["kernels_per_step"] / 4
+    assert 0 < graphed["host_ms_per_step"]
+
+
+def test_bench_static_measures_the_padding(tmp_path):
+    """Padded rows per real token and the host's time to pad, on bench_e2e's batches."""
+    result = run_benchmark(
+        "bench_static.py", "--quick", "--models", "base", out=tmp_path / "s.json"
+    )
+    (row,) = result["models"]
+    assert row["batches"] == 2 * 4  # two per task of the mix
+    assert 1 < row["covering_rows_per_real_token"] < 1.5
+    assert row["budget_fits"] == row["batches"]
+    shape = StaticShape(**row["covering_shape"])
+    assert row["covering_rows"] == shape.rows > shape.tokens
+    assert row["pad_ms_median"] > 0
