@@ -14,7 +14,9 @@
 
 namespace uniter_fast {
 
-enum class Task : uint8_t { MLM, MRFR, MRC, MRCKL, ITM };
+// PAIRS: the inputs every task shares and no pretraining target (the downstream tasks add
+// theirs in Python: uniter_fast/data/downstream.py).
+enum class Task : uint8_t { MLM, MRFR, MRC, MRCKL, ITM, PAIRS };
 
 inline bool is_mrm(Task t) { return t == Task::MRFR || t == Task::MRC || t == Task::MRCKL; }
 inline bool has_soft_targets(Task t) { return t == Task::MRC || t == Task::MRCKL; }

@@ -168,7 +168,8 @@ Task parse_task(const std::string& task) {
   if (task == "mrc") return Task::MRC;
   if (task == "mrckl") return Task::MRCKL;
   if (task == "itm") return Task::ITM;
-  value_error("unknown task '" + task + "'; expected one of mlm, mrfr, mrc, mrckl, itm");
+  if (task == "pairs") return Task::PAIRS;
+  value_error("unknown task '" + task + "'; expected one of mlm, mrfr, mrc, mrckl, itm, pairs");
 }
 
 }  // namespace

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .schema import LOC_DIM, MRM_TASKS, Batch, check_task
+from .schema import LOC_DIM, MRM_TASKS, PACK_TASKS, Batch, check_task
 
 PAD_MULTIPLE = 8
+DOWNSTREAM_TASKS = ("vqa", "ve", "nlvr2", "nlvr2-triplet")  # uniter_fast.data.downstream
 
 logger = logging.getLogger("uniter_fast.data")
 
@@ -92,7 +93,7 @@ def collate_numpy(
     Sequence b is its text (`input_ids`, [CLS] ... [SEP]) followed by its regions. Returns a dict
     of the `Batch` fields other than `task`; `collate` wraps it in a `Batch`.
     """
-    check_task(task)
+    check_task(task, PACK_TASKS)
     if len(examples) == 0:
         raise ValueError("collate: no examples")
     mrm = task in MRM_TASKS
@@ -314,7 +315,7 @@ def collate_cpp(
     torch buffer (the arrays are then NumPy views of it). Raises RuntimeError when the extension
     is not loaded; ValueError/TypeError naming the example and field for bad examples.
     """
-    check_task(task)
+    check_task(task, PACK_TASKS)
     return _pack_cpp(examples, task, pad_multiple, out)[0]
 
 
@@ -347,9 +348,14 @@ def collate(
     backend: "auto" (the C++ packer when loaded, else NumPy with one warning), "cpp" (raise if
         the extension is missing) or "numpy" (`collate_numpy`, the oracle).
 
-    The layout is `collate_numpy`'s; both backends give equal batches.
+    The layout is `collate_numpy`'s; both backends give equal batches. The downstream tasks
+    ("vqa", "ve", "nlvr2", "nlvr2-triplet") are packed by `uniter_fast.data.downstream`.
     """
-    check_task(task)
+    if task in DOWNSTREAM_TASKS:
+        from .downstream import collate_downstream
+
+        return collate_downstream(examples, task, out=out, backend=backend)
+    check_task(task, PACK_TASKS)
     if backend not in ("auto", "cpp", "numpy"):
         raise ValueError(f"collate: backend must be 'auto', 'cpp' or 'numpy', got {backend!r}")
     if backend == "cpp" or (backend == "auto" and _C is not None):

@@ -39,6 +39,9 @@ MAX_CAPTION_TOKENS = 60
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
 MRM_TASKS = frozenset({"mrfr", "mrc", "mrckl"})
+# What the packer takes: the pretraining tasks, and "pairs" (the shared inputs, no targets: what
+# the downstream tasks of `uniter_fast.data.downstream` build on).
+PACK_TASKS = (*TASKS, "pairs")
 
 # Members a shard sample must have, and the only ones a reader decodes (an allow-list).
 SHARD_FIELDS = ("feat.npy", "loc.npy", "soft.npy", "captions.json", "meta.json")
@@ -68,9 +71,9 @@ class Vocab:
 BERT_BASE_CASED = Vocab()
 
 
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+def check_task(task: str, allowed: tuple[str, ...] = TASKS) -> str:
+    if task not in allowed:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(allowed)}")
     return task
 
 
@@ -106,6 +109,10 @@ class Batch:
         mrc_soft_target float [R, 1601]  soft labels of the masked regions (MRC, MRC-kl)
         mrc_label   int64 [R]      1 + argmax(soft[1:]) (MRC; background never the target)
         itm_target  int64 [B]      1 for matching pairs, 0 for negatives (ITM)
+    Downstream (`uniter_fast.data.downstream`; None otherwise):
+        targets     float32 [B, C] VQA's soft scores, VE's one-hot labels
+        target      int64 [E]      NLVR2: 1 when the statement is true (E examples: B / 2 paired)
+        img_type_ids int64 [Ni]    NLVR2: the token type of each region (1 left image, 2 right)
 
     Static shapes (`uniter_fast.data.static.pad_static`): every size above is then a cap of the
     `StaticShape` in `padding`, and the padding is inert. Pair slots past the real pairs have
@@ -143,6 +150,9 @@ class Batch:
     mrc_soft_target: torch.Tensor | None = None
     mrc_label: torch.Tensor | None = None
     itm_target: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    img_type_ids: torch.Tensor | None = None
     mrm_valid: torch.Tensor | None = None
     padding: Any = None  # a `uniter_fast.data.static.StaticPadding` for static batches
 

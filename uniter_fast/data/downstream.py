@@ -1,0 +1,193 @@
+"""Packed batches for the downstream tasks: VQA, SNLI-VE and NLVR2.
+
+    batch = collate(examples, task=model.task)     # "vqa", "ve", "nlvr2" or "nlvr2-triplet"
+
+Each downstream batch is a pretraining batch without pretraining targets (the C++ packer's
+"pairs" task: text, regions, `cu_seqlens`, the padded view), plus the task's own fields:
+
+- "vqa", "ve": one sequence per example, [CLS] question-or-hypothesis [SEP] then the regions.
+  Example fields `input_ids`, `img_feat`, `img_loc`, and `targets` (float [C]: VQA's soft scores
+  over the answer vocabulary, VE's one-hot over contradiction / entailment / neutral). Batch:
+  `targets` float32 [B, C].
+- "nlvr2" (the paired variants): two sequences per example that share the text, the left image's
+  then the right image's: example i is sequences 2i and 2i+1. Example fields `input_ids`,
+  `img_feat` and `img_loc` as a (left, right) pair, and `target` (int or bool: 1 when the
+  statement is true). Batch: `target` int64 [B / 2]; `img_type_ids` int64 [Ni]: 1 on the left
+  image's regions, 2 on the right's (the reference's `use_img_type`).
+- "nlvr2-triplet": one sequence per example, the text then both images' regions; same fields,
+  `img_type_ids` 1 then 2.
+
+Targets are optional (all examples or none): a batch without them is for inference. Bad examples
+raise ValueError/TypeError naming the example and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .collate import DOWNSTREAM_TASKS, _allocate, collate
+
+# The reference's class counts: VQA's answer vocabulary (utils/ans2label.json), SNLI-VE's labels.
+VQA_ANSWERS = 3129
+VE_LABELS = ("contradiction", "entailment", "neutral")
+
+
+def _field(ex: Any, i: int, name: str) -> Any:
+    try:
+        return ex[name]
+    except KeyError:
+        raise ValueError(f"example {i}: missing field {name!r}") from None
+    except TypeError:
+        raise TypeError(f"example {i}: expected a dict, got {type(ex).__name__}") from None
+
+
+def _all_or_none(examples: Sequence[dict], name: str) -> bool:
+    """Whether every example has `name`; raises if only some do."""
+    have = [name in ex for ex in examples if isinstance(ex, dict)]
+    if any(have) and not all(have):
+        missing = next(i for i, h in enumerate(have) if not h)
+        raise ValueError(
+            f"example {missing}: missing field {name!r} (other examples of the batch have it: "
+            "targets must be given for all examples or none)"
+        )
+    return bool(have) and all(have)
+
+
+def _soft_targets(examples: Sequence[dict]) -> np.ndarray | None:
+    if not _all_or_none(examples, "targets"):
+        return None
+    rows = []
+    for i, ex in enumerate(examples):
+        t = np.asarray(ex["targets"])
+        if t.ndim != 1 or t.shape[0] == 0 or t.dtype.kind not in "fiub":
+            raise ValueError(
+                f"example {i}: targets must be a non-empty 1-d float array, got dtype {t.dtype} "
+                f"shape {t.shape}"
+            )
+        if rows and t.shape != rows[0].shape:
+            raise ValueError(
+                f"example {i}: targets has {t.shape[0]} classes, example 0 has {rows[0].shape[0]}"
+            )
+        t = t.astype(np.float32)
+        if not np.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+            raise ValueError(f"example {i}: targets must lie in [0, 1]")
+        rows.append(t)
+    return np.stack(rows)
+
+
+def _binary_target(examples: Sequence[dict]) -> np.ndarray | None:
+    if not _all_or_none(examples, "target"):
+        return None
+    out = np.empty(len(examples), dtype=np.int64)
+    for i, ex in enumerate(examples):
+        t = ex["target"]
+        if isinstance(t, np.ndarray) and t.ndim == 0:
+            t = t.item()
+        if isinstance(t, (bool, np.bool_)) or (isinstance(t, (int, np.integer)) and t in (0, 1)):
+            out[i] = int(t)
+        else:
+            raise ValueError(f"example {i}: target must be 0, 1 or a bool, got {t!r}")
+    return out
+
+
+def _image_pair(ex: dict, i: int) -> tuple[tuple, tuple]:
+    """((left feat, left loc), (right feat, right loc)) of an NLVR2 example."""
+    pairs = []
+    for name in ("img_feat", "img_loc"):
+        value = _field(ex, i, name)
+        if isinstance(value, np.ndarray) or not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(
+                f"example {i}: NLVR2's {name} must be a (left, right) pair of arrays, got "
+                f"{type(value).__name__}"
+                + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else "")
+            )
+        pairs.append(value)
+    (left_feat, right_feat), (left_loc, right_loc) = pairs
+    return (left_feat, left_loc), (right_feat, right_loc)
+
+
+def _sequences(examples: Sequence[dict], task: str) -> tuple[list[dict], list[np.ndarray] | None]:
+    """The packer's examples (one per sequence) and, for NLVR2, each sequence's region types."""
+    if task in ("vqa", "ve"):
+        seqs = [
+            {
+                "input_ids": _field(ex, i, "input_ids"),
+                "img_feat": _field(ex, i, "img_feat"),
+                "img_loc": _field(ex, i, "img_loc"),
+            }
+            for i, ex in enumerate(examples)
+        ]
+        return seqs, None
+    seqs, types = [], []
+    for i, ex in enumerate(examples):
+        ids = _field(ex, i, "input_ids")
+        (lf, ll), (rf, rl) = _image_pair(ex, i)
+        nl, nr = len(lf), len(rf)
+        if task == "nlvr2":
+            seqs.append({"input_ids": ids, "img_feat": lf, "img_loc": ll})
+            seqs.append({"input_ids": ids, "img_feat": rf, "img_loc": rl})
+            types += [np.full(nl, 1, np.int64), np.full(nr, 2, np.int64)]
+        else:
+            try:
+                feat = np.concatenate([np.asarray(lf), np.asarray(rf)])
+                loc = np.concatenate([np.asarray(ll), np.asarray(rl)])
+            except ValueError as e:
+                raise ValueError(f"example {i}: left and right images do not stack ({e})") from e
+            seqs.append({"input_ids": ids, "img_feat": feat, "img_loc": loc})
+            types.append(np.concatenate([np.full(nl, 1, np.int64), np.full(nr, 2, np.int64)]))
+    return seqs, types
+
+
+def _renamed(e: Exception, task: str) -> Exception:
+    """The packer's "example j: ..." of a paired NLVR2 sequence, named by example and side."""
+    text = str(e)
+    if task != "nlvr2" or not text.startswith("example "):
+        return e
+    head, _, rest = text.partition(":")
+    try:
+        j = int(head.split()[1])
+    except (IndexError, ValueError):
+        return e
+    side = "left" if j % 2 == 0 else "right"
+    return type(e)(f"example {j // 2} ({side} image):{rest}")
+
+
+def collate_downstream(examples: Sequence[dict], task: str, *, out=None, backend: str = "auto"):
+    """Pack downstream examples into a `Batch` (module docstring). `out`, `backend`: as
+    `uniter_fast.data.collate`."""
+    if task not in DOWNSTREAM_TASKS:
+        raise ValueError(
+            f"unknown downstream task {task!r}; expected one of {', '.join(DOWNSTREAM_TASKS)}"
+        )
+    if len(examples) == 0:
+        raise ValueError("collate: no examples")
+    seqs, types = _sequences(examples, task)
+    extra: dict[str, np.ndarray] = {}
+    if task in ("vqa", "ve"):
+        targets = _soft_targets(examples)
+        if targets is not None:
+            extra["targets"] = targets
+    else:
+        target = _binary_target(examples)
+        if target is not None:
+            extra["target"] = target
+        extra["img_type_ids"] = np.concatenate(types)
+    try:
+        batch = collate(seqs, "pairs", out=out, backend=backend)
+    except (ValueError, TypeError) as e:
+        raise _renamed(e, task) from None
+    if out is None:
+        tensors = {k: torch.from_numpy(v) for k, v in extra.items()}
+    else:
+        views, tensors = _allocate([(k, v.shape, v.dtype.name) for k, v in extra.items()], out)
+        for name, view in views.items():
+            np.copyto(view, extra[name])
+    return dataclasses.replace(batch, task=task, **tensors)
+
+
+__all__ = ["DOWNSTREAM_TASKS", "VE_LABELS", "VQA_ANSWERS", "collate_downstream"]
