@@ -6,13 +6,22 @@ model = uf.UniterForPretraining(cfg, img_dim=2048, img_label_dim=1601)
 report = uf.load_pretrained(model, "uniter-base.pt")
 batch = uf.data.collate(examples, task="mlm")
 out = model(batch, task="mlm")          # {"loss": ..., "mlm": ...}
+
+model = uf.UniterForVqa(cfg, img_dim=2048, num_answers=3129)   # or VisualEntailment, Nlvr2
+out = model(uf.data.collate(examples, task=model.task))       # {"scores": ..., "loss": ...}
 """
 
 from . import data
 from .config import UniterConfig
 from .convert import LoadReport, export_reference, load_pretrained, save_reference
 from .data.schema import Batch
-from .model import UniterForPretraining, UniterModel
+from .model import (
+    UniterForNlvr2,
+    UniterForPretraining,
+    UniterForVisualEntailment,
+    UniterForVqa,
+    UniterModel,
+)
 
 __version__ = "0.1.0"
 
@@ -20,7 +29,10 @@ __all__ = [
     "Batch",
     "LoadReport",
     "UniterConfig",
+    "UniterForNlvr2",
     "UniterForPretraining",
+    "UniterForVisualEntailment",
+    "UniterForVqa",
     "UniterModel",
     "data",
     "export_reference",

@@ -170,12 +170,14 @@ class UniterModel(nn.Module):
         attention_mask,
         gather_index,
         img_masks=None,
+        img_type_ids=None,
     ):
         extended = attention_mask.unsqueeze(1).unsqueeze(2)
         extended = extended.to(dtype=next(self.parameters()).dtype)
         extended = (1.0 - extended) * -10000.0
         txt_emb = self.embeddings(input_ids, position_ids)
-        img_type_ids = torch.ones_like(img_feat[:, :, 0].long())
+        if img_type_ids is None:
+            img_type_ids = torch.ones_like(img_feat[:, :, 0].long())
         img_type_embeddings = self.embeddings.token_type_embeddings(img_type_ids)
         img_emb = self.img_embeddings(img_feat, img_pos_feat, img_type_embeddings, img_masks)
         gather_index = gather_index.unsqueeze(-1).expand(-1, -1, self.config.hidden_size)

@@ -41,7 +41,8 @@ class LoadReport:
     keep their current values). unexpected: keys the source has and the model does not use.
     renamed: (source key, reference key) for every key whose name changed on the way in.
     tied_conflicts: tied key pairs whose two tensors differ in the source (the reference loads the
-    later one in module order, and so does this loader).
+    later one in module order, and so does this loader). adapted: what the model's
+    `adapt_reference_state` hook changed (e.g. NLVR2's token types grown from 2 rows to 3).
     """
 
     source: str
@@ -51,6 +52,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     renamed: list[tuple[str, str]] = field(default_factory=list)
     tied_conflicts: list[tuple[str, str]] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -68,6 +70,7 @@ class LoadReport:
             lines.extend(f"    {a} -> {b}" for a, b in shown)
             if len(self.renamed) > len(shown):
                 lines.append(f"    ... and {len(self.renamed) - len(shown)} more")
+        lines.extend(f"  adapted: {note}" for note in self.adapted)
         for a, b in self.tied_conflicts:
             lines.append(f"  tied keys differ in the source: {a} vs {b} (took {b})")
         return "\n".join(lines)
@@ -190,6 +193,11 @@ def load_pretrained(model: nn.Module, source, *, verbose: bool = True) -> LoadRe
     ref, layout, renamed = to_reference_layout(raw)
     targets = _targets(model)
     report = LoadReport(source=name, layout=layout, renamed=renamed)
+    # A model whose layout grows what a checkpoint holds (NLVR2's third token type) adapts the
+    # reference-layout dict in place and says how.
+    adapt = getattr(model, "adapt_reference_state", None)
+    if adapt is not None:
+        report.adapted = list(adapt(ref))
 
     for canonical, alias in TIED_KEYS:
         if canonical in targets and alias in targets:

@@ -8,6 +8,13 @@ from .attention import (
     SelfAttention,
     resolve_attention,
 )
+from .downstream import (
+    NLVR2_VARIANTS,
+    UniterForDownstream,
+    UniterForNlvr2,
+    UniterForVisualEntailment,
+    UniterForVqa,
+)
 from .pretrain import UniterForPretraining, UniterModel
 
 __all__ = [
@@ -15,8 +22,13 @@ __all__ = [
     "VARLEN_DROPOUT",
     "AttentionChoice",
     "AttentionLayout",
+    "NLVR2_VARIANTS",
     "SelfAttention",
+    "UniterForDownstream",
+    "UniterForNlvr2",
     "UniterForPretraining",
+    "UniterForVisualEntailment",
+    "UniterForVqa",
     "UniterModel",
     "resolve_attention",
 ]

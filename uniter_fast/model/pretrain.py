@@ -72,10 +72,13 @@ class UniterModel(nn.Module):
     def embed(self, batch: Batch, *, mask_regions: bool) -> torch.Tensor:
         """Text and region embeddings placed at their packed rows: (N, hidden)."""
         txt = self.embeddings(batch.input_ids, batch.txt_pos)
+        types = self.embeddings.token_type_embeddings
+        # Regions are token type 1, or per region (NLVR2: 1 left image, 2 right image).
+        img_type = types.weight[1] if batch.img_type_ids is None else types(batch.img_type_ids)
         img = self.img_embeddings(
             batch.img_feat,
             batch.img_loc,
-            self.embeddings.token_type_embeddings.weight[1],
+            img_type,
             batch.img_masked if mask_regions else None,
         )
         # A static batch's padded tokens and regions land past its packed rows, and are dropped.

@@ -1,0 +1,276 @@
+"""UNITER fine-tuned for VQA, SNLI-VE and NLVR2, on packed batches.
+
+    model = uf.UniterForVqa(cfg, img_dim=2048, num_answers=3129)
+    uf.load_pretrained(model, "uniter-base.pt")          # or the reference's fine-tuned checkpoint
+    out = model(uf.data.collate(examples, task=model.task))   # {"scores": [B, C], "loss": ...}
+
+Every model here is the packed encoder (`UniterModel`: the same attention backends, the same
+sync-free forward as pretraining) plus the reference's head, under the reference's module names,
+so the reference's fine-tuned checkpoints load key for key (`vqa_output.*`, `nlvr2_output.*`,
+`attn1.*`, `attn2.*`, `fc.*`, `attn_pool.*`). `task` names the collate task
+(`uniter_fast.data.downstream`). `forward(batch)` returns `scores` (the logits) and, when the
+batch holds targets, `loss` reduced as the reference reduces it:
+
+- VQA and VE: binary cross-entropy with logits on the soft targets, mean over B x C elements,
+  times C (train_vqa.py / train_ve.py); computed in fp32.
+- NLVR2: two-way cross-entropy, mean over examples.
+
+The heads (UNITER_FINETUNE.md): VQA/VE: pooled [CLS] -> Linear(H, 2H) -> GELU -> LayerNorm ->
+Linear(2H, C). NLVR2 "triplet": one sequence with both images, pooled -> Linear(H, 2).
+"paired": two sequences sharing the text, the two pooled outputs side by side -> Linear(2H, 2).
+"paired-attn": the two full output sequences attend to each other (two multi-head attention
+layers), [attended; original] -> shared Linear(2H, H) -> ReLU -> dropout, attention pooling
+(ReLU(Linear(H, 1)) scores, -1e4 at padding, softmax, dropout) of each side, both pooled
+vectors -> Linear(2H, 2). NLVR2 uses three token types: regions of the right image take type 2,
+a row initialised from the image row 1 (the reference's `init_type_embedding`; a pretraining
+checkpoint's two rows are extended the same way when loaded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import UniterConfig
+from ..data.schema import IMG_DIM, Batch
+from ..ops import gather_padded
+from .attention import AttentionChoice
+from .pretrain import UniterModel
+
+NLVR2_VARIANTS = ("paired-attn", "paired", "triplet")
+_TYPE_KEY = "uniter.embeddings.token_type_embeddings.weight"
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 at least (bf16/fp16 logits widen; float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class UniterForDownstream(nn.Module):
+    """The packed encoder, the reference's weight init, and the attention-backend plumbing that
+    every downstream model shares. Subclasses add a head and `forward(batch)`."""
+
+    task: str = ""
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        *,
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
+    ):
+        super().__init__()
+        self.config = config
+        self.img_dim = img_dim
+        self.uniter = UniterModel(
+            config, img_dim, attention=attention, varlen_dropout=varlen_dropout
+        )
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The reference's scheme: N(0, initializer_range) weights, zero biases, unit LayerNorm.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    @property
+    def attention_choice(self) -> AttentionChoice | None:
+        return self.uniter.attention_choice
+
+    def set_attention(
+        self,
+        requested: str | None = None,
+        device: torch.device | str | None = None,
+        varlen_dropout: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> AttentionChoice:
+        """Resolve the attention backend (see `UniterForPretraining.set_attention`)."""
+        return self.uniter.set_attention(requested, device, varlen_dropout, dtype=dtype)
+
+    def _check(self, batch: Batch) -> None:
+        if batch.task != self.task:
+            raise ValueError(
+                f"{type(self).__name__} takes batches collated with task={self.task!r}, got "
+                f"{batch.task!r} (uf.data.collate(examples, task=model.task))"
+            )
+
+    def _pooled(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.uniter.pooler(hidden, batch.cu_seqlens[:-1].long())
+
+
+class UniterForVqa(UniterForDownstream):
+    """VQA: pooled [CLS] -> the reference's `vqa_output` over `num_answers` answers.
+
+    `loss`: BCE-with-logits on `batch.targets` (soft scores), mean times num_answers.
+    """
+
+    task = "vqa"
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        num_answers: int = 3129,
+        *,
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
+    ):
+        super().__init__(config, img_dim, attention=attention, varlen_dropout=varlen_dropout)
+        if num_answers < 1:
+            raise ValueError(f"num_answers must be at least 1, got {num_answers}")
+        h = config.hidden_size
+        self.num_answers = num_answers
+        self.vqa_output = nn.Sequential(
+            nn.Linear(h, 2 * h),
+            nn.GELU(),
+            nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
+            nn.Linear(2 * h, num_answers),
+        )
+        self.apply(self._init_weights)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The head's parameters: the recipe's `lr_mul` applies to them (VQA: 10)."""
+        return list(self.vqa_output.parameters())
+
+    def forward(self, batch: Batch) -> dict:
+        self._check(batch)
+        hidden = self.uniter(batch)
+        scores = self.vqa_output(self._pooled(hidden, batch))
+        out = {"scores": scores}
+        if batch.targets is not None:
+            if batch.targets.shape != scores.shape:
+                raise ValueError(
+                    f"targets have shape {tuple(batch.targets.shape)}, scores "
+                    f"{tuple(scores.shape)} ({self.num_answers} answers)"
+                )
+            logits = _widen(scores)
+            bce = F.binary_cross_entropy_with_logits(logits, batch.targets.to(logits.dtype))
+            out["loss"] = bce * scores.shape[1]
+        return out
+
+
+class UniterForVisualEntailment(UniterForVqa):
+    """SNLI-VE: the VQA model with 3 labels (contradiction 0, entailment 1, neutral 2), as the
+    reference builds it (its head keeps the name `vqa_output`)."""
+
+    task = "ve"
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        *,
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
+    ):
+        super().__init__(config, img_dim, 3, attention=attention, varlen_dropout=varlen_dropout)
+
+
+class AttentionPool(nn.Module):
+    """score = ReLU(Linear(H, 1)), -1e4 where `pad`, softmax, dropout, weighted sum."""
+
+    def __init__(self, hidden_size: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(hidden_size, 1), nn.ReLU())
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """x: (E, L, H); pad: (E, L) bool, True at padding -> (E, H)."""
+        score = self.fc(x).squeeze(-1) + pad.to(x.dtype) * -1e4
+        weight = self.dropout(F.softmax(score, dim=1))
+        return (weight.unsqueeze(1) @ x).squeeze(1)
+
+
+class UniterForNlvr2(UniterForDownstream):
+    """NLVR2 in the reference's three variants (module docstring); `scores` (E, 2).
+
+    variant: "paired-attn" (both of the reference's configs), "paired" or "triplet". Collate
+    task: "nlvr2" for the paired variants, "nlvr2-triplet" for the triplet.
+    """
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        variant: str = "paired-attn",
+        *,
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
+    ):
+        super().__init__(config, img_dim, attention=attention, varlen_dropout=varlen_dropout)
+        if variant not in NLVR2_VARIANTS:
+            raise ValueError(f"variant must be one of {NLVR2_VARIANTS}, got {variant!r}")
+        self.variant = variant
+        self.task = "nlvr2-triplet" if variant == "triplet" else "nlvr2"
+        h = config.hidden_size
+        # Three token types: text 0, left image 1, right image 2.
+        self.uniter.embeddings.token_type_embeddings = nn.Embedding(3, h)
+        if variant == "paired-attn":
+            p = config.attention_probs_dropout_prob
+            heads = config.num_attention_heads
+            self.attn1 = nn.MultiheadAttention(h, heads, dropout=p)
+            self.attn2 = nn.MultiheadAttention(h, heads, dropout=p)
+            self.fc = nn.Sequential(
+                nn.Linear(2 * h, h), nn.ReLU(), nn.Dropout(config.hidden_dropout_prob)
+            )
+            self.attn_pool = AttentionPool(h, p)
+        self.nlvr2_output = nn.Linear(h if variant == "triplet" else 2 * h, 2)
+        # As the reference: N(0, 0.02) for every Linear (the attention layers' out_proj
+        # included); their in_proj keeps its construction-time xavier init.
+        self.apply(self._init_weights)
+        with torch.no_grad():
+            rows = self.uniter.embeddings.token_type_embeddings.weight
+            rows[2].copy_(rows[1])
+
+    def adapt_reference_state(self, state: dict) -> list[str]:
+        """`load_pretrained`'s hook: a pretraining checkpoint's two token-type rows become three,
+        the right image's a copy of the image row (the reference's `init_type_embedding`)."""
+        rows = state.get(_TYPE_KEY)
+        if rows is None or rows.shape[0] != 2:
+            return []
+        state[_TYPE_KEY] = torch.cat([rows, rows[1:2]])
+        return [f"{_TYPE_KEY}: 2 rows -> 3 (row 2 copied from row 1, the image row)"]
+
+    def forward(self, batch: Batch) -> dict:
+        self._check(batch)
+        hidden = self.uniter(batch)
+        if self.variant == "paired-attn":
+            scores = self.nlvr2_output(self._paired_attention(hidden, batch))
+        else:
+            pooled = self._pooled(hidden, batch)
+            if self.variant == "paired":
+                pooled = pooled.reshape(pooled.shape[0] // 2, -1)  # [left; right] per example
+            scores = self.nlvr2_output(pooled)
+        out = {"scores": scores}
+        if batch.target is not None:
+            out["loss"] = F.cross_entropy(_widen(scores), batch.target)
+        return out
+
+    def _paired_attention(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        # The padded view of the 2E sequences: left images at even rows, right at odd ones.
+        padded = gather_padded(hidden, batch.pad_index)  # (2E, L, H), zeros at padding
+        pad = batch.pad_index == hidden.shape[0]  # (2E, L), True at padding
+        left, right = padded[0::2].transpose(0, 1), padded[1::2].transpose(0, 1)  # (L, E, H)
+        left_pad, right_pad = pad[0::2], pad[1::2]
+        l2r, _ = self.attn1(left, right, right, key_padding_mask=right_pad, need_weights=False)
+        r2l, _ = self.attn2(right, left, left, key_padding_mask=left_pad, need_weights=False)
+        left = self.fc(torch.cat([l2r, left], dim=-1)).transpose(0, 1)
+        right = self.fc(torch.cat([r2l, right], dim=-1)).transpose(0, 1)
+        pooled = [self.attn_pool(left, left_pad), self.attn_pool(right, right_pad)]
+        return torch.cat(pooled, dim=-1)
+
+
+__all__ = [
+    "NLVR2_VARIANTS",
+    "AttentionPool",
+    "UniterForDownstream",
+    "UniterForNlvr2",
+    "UniterForVisualEntailment",
+    "UniterForVqa",
+]
