@@ -600,16 +600,24 @@ class ShardWriter:
         # Errors name the shard the record is headed for (the next one if this one is full).
         index = self._index + (self._tar is not None and self._count >= self.max_samples)
         validate_record(record, shard=self._name(index), vocab=self.vocab)
-        sample = encode_sample(record)
-        size = sum(_tar_member_bytes(f"{record.key}.{m}", len(sample[m])) for m in SHARD_FIELDS)
+        self.write_sample(record.key, encode_sample(record), pairs=len(record.captions))
+
+    def write_sample(self, key: str, sample: dict[str, bytes | str], *, pairs: int) -> None:
+        """Append an encoded sample (`{"__key__": key, member: bytes, ...}`, validated by the
+        caller) to the current shard, rolling over first if full. `pairs`: the examples it holds
+        (captions; a task shard's questions), for the shard's entry in `finished`."""
+        if self._closed:
+            raise ValueError("ShardWriter.write_sample on a closed writer")
+        members = [m for m in sample if m != "__key__"]
+        size = sum(_tar_member_bytes(f"{key}.{m}", len(sample[m])) for m in members)
         if self._tar is not None and (
             self._count >= self.max_samples or _archive_bytes(self._bytes + size) > self.max_bytes
         ):
             self._finish()
-        if record.key in self._keys:
+        if key in self._keys:
             raise ShardFormatError(
                 self._name(self._index),
-                record.key,
+                key,
                 "__key__",
                 "duplicate_key",
                 "appears twice in one shard",
@@ -623,13 +631,13 @@ class ShardWriter:
             # already in it are not silently lost behind a shard that looks complete.
             self.abort()
             raise
-        self._keys.add(record.key)
+        self._keys.add(key)
         self._count += 1
         self._bytes += size
-        self._pairs += len(record.captions)
+        self._pairs += pairs
         if self._first_key is None:
-            self._first_key = record.key
-        self._last_key = record.key
+            self._first_key = key
+        self._last_key = key
 
     def _open(self) -> None:
         final = self._name(self._index)
@@ -827,6 +835,7 @@ def iter_shard(
     on_bad: Callable[[ShardFormatError], None] | None = None,
     skip: int = 0,
     positions: bool = False,
+    decode: Callable[..., Any] | None = None,
 ) -> Iterator[ImageRecord] | Iterator[tuple[int, ImageRecord]]:
     """Yield the validated records of one shard, in file order; `record.shard` is its basename.
 
@@ -843,6 +852,8 @@ def iter_shard(
     skip: sample groups to pass over unread first (resuming inside a shard).
     positions: yield `(index, record)`, where index is the sample's ordinal in the shard
         (the `skip` that resumes right after it is index + 1).
+    decode: `decode(members, shard=name)` -> record, for shards of another layout (the
+        downstream tasks' `uniter_fast.data.task_shards`); default `decode_sample`.
     """
     name = shard_name(url)
     url = os.fspath(url)
@@ -899,9 +910,11 @@ def iter_shard(
                     raise ShardFormatError(
                         name, item.key, reserved[0], "forbidden_member", "is a reserved name"
                     )
-                record = decode_sample(
-                    {**item.members, "__key__": item.key}, shard=name, vocab=vocab
-                )
+                members = {**item.members, "__key__": item.key}
+                if decode is None:
+                    record = decode_sample(members, shard=name, vocab=vocab)
+                else:
+                    record = decode(members, shard=name)
             except ShardFormatError as err:
                 damage = item.damage_before or item.damage_after
                 if damage is not None and err.reason == "missing_field":

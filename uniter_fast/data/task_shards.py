@@ -1,0 +1,261 @@
+"""Downstream task shards (VQA, SNLI-VE, NLVR2): WebDataset tars, an image's features stored once.
+
+One sample per image (VQA, VE) or per image pair (NLVR2), holding every question, hypothesis or
+statement about it, so that features are stored once however many texts use them:
+
+    feat.npy    float16 [n, D]   region features (NLVR2: the left image)
+    loc.npy     float32 [n, 7]
+    feat1.npy, loc1.npy          NLVR2 only: the right image
+    items.json  {"items": [{"id": str, "input_ids": [int, ...], <target>}, ...]}
+                target: VQA "answers": [[answer index, soft score], ...]; VE "label": 0, 1 or 2
+                (contradiction, entailment, neutral); NLVR2 "target": true or false. Absent in
+                test splits.
+    meta.json   {"task": ..., "image_id": ..., ...}
+
+`input_ids` are WordPiece ids without [CLS]/[SEP] (the example builder adds them). Written by
+`ShardWriter.write_sample` (atomic shards, sha256 per shard); read through `iter_shard` with
+`decode_task_sample`, an allow-list decoder like the pretraining one: no pickle, and every bad
+sample raises `ShardFormatError` naming the shard, key, member and reason, so that a loader skips
+and counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .schema import BERT_BASE_CASED, IMG_DIM, LOC_DIM, MAX_REGIONS, Vocab
+from .shards import (
+    ShardFormatError,
+    ShardWriter,
+    _json_bytes,
+    _load_json,
+    _load_npy,
+    _npy_bytes,
+    iter_shard,
+)
+
+TARGET_FIELD = {"vqa": "answers", "ve": "label", "nlvr2": "target"}
+_WDS_META = frozenset({"__key__", "__url__", "__local_path__"})
+
+
+def _members(task: str) -> tuple[str, ...]:
+    images = (
+        ("feat.npy", "loc.npy", "feat1.npy", "loc1.npy")
+        if task == "nlvr2"
+        else (
+            "feat.npy",
+            "loc.npy",
+        )
+    )
+    return (*images, "items.json", "meta.json")
+
+
+@dataclass
+class TaskRecord:
+    """One sample of a task shard: its images ([(feat, loc)], two for NLVR2) and its texts."""
+
+    key: str
+    task: str
+    images: list[tuple[np.ndarray, np.ndarray]]
+    items: list[dict]
+    meta: dict = field(default_factory=dict)
+    shard: str = ""
+
+
+def encode_task_sample(record: TaskRecord) -> dict[str, bytes | str]:
+    sample: dict[str, bytes | str] = {"__key__": record.key}
+    for i, (feat, loc) in enumerate(record.images):
+        suffix = "" if i == 0 else str(i)
+        sample[f"feat{suffix}.npy"] = _npy_bytes(feat)
+        sample[f"loc{suffix}.npy"] = _npy_bytes(loc)
+    sample["items.json"] = _json_bytes({"items": record.items})
+    sample["meta.json"] = _json_bytes({"task": record.task, **record.meta})
+    return sample
+
+
+def validate_task_record(
+    record: TaskRecord,
+    *,
+    shard: str,
+    num_classes: int | None = None,
+    vocab: Vocab = BERT_BASE_CASED,
+    img_dim: int = IMG_DIM,
+) -> None:
+    """Raise ShardFormatError (with a REASONS reason) unless `record` is a valid sample of its
+    task. num_classes: VQA's answer vocabulary size (answer indices are checked against it)."""
+    key = record.key
+
+    def fail(member: str, reason: str, detail: str) -> ShardFormatError:
+        return ShardFormatError(shard, key, member, reason, detail)
+
+    if record.task not in TARGET_FIELD:
+        raise fail("meta.json", "type", f"unknown task {record.task!r}")
+    want_images = 2 if record.task == "nlvr2" else 1
+    if len(record.images) != want_images:
+        raise fail(
+            "feat.npy",
+            "missing_field",
+            f"{len(record.images)} images, {record.task} has {want_images}",
+        )
+    for i, (feat, loc) in enumerate(record.images):
+        suffix = "" if i == 0 else str(i)
+        if feat.ndim != 2 or feat.shape[1] != img_dim or not 1 <= feat.shape[0] <= MAX_REGIONS:
+            raise fail(
+                f"feat{suffix}.npy",
+                "shape",
+                f"has shape {feat.shape}, expected (1..{MAX_REGIONS}, {img_dim})",
+            )
+        if feat.dtype.kind != "f":
+            raise fail(f"feat{suffix}.npy", "dtype", f"is {feat.dtype}, expected float")
+        if loc.shape != (feat.shape[0], LOC_DIM) or loc.dtype.kind != "f":
+            raise fail(
+                f"loc{suffix}.npy",
+                "shape",
+                f"has shape {loc.shape} {loc.dtype}, expected ({feat.shape[0]}, {LOC_DIM}) float",
+            )
+        if not (np.isfinite(feat).all() and np.isfinite(loc).all()):
+            raise fail(f"feat{suffix}.npy", "nonfinite", "holds NaN or Inf")
+    if not isinstance(record.items, list) or not record.items:
+        raise fail("items.json", "empty_caption", "holds no items")
+    target = TARGET_FIELD[record.task]
+    for j, item in enumerate(record.items):
+        where = f"item {j}"
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise fail("items.json", "type", f"{where}: expected a dict with a string id")
+        ids = item.get("input_ids")
+        if not isinstance(ids, list) or not ids:
+            raise fail("items.json", "empty_caption", f"{where} ({item['id']}): no input_ids")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise fail("items.json", "type", f"{where} ({item['id']}): input_ids must be ints")
+        arr = np.asarray(ids)
+        if arr.min() < 0 or arr.max() >= vocab.size:
+            raise fail(
+                "items.json", "token_id", f"{where} ({item['id']}): id outside [0, {vocab.size})"
+            )
+        if target not in item:
+            continue  # a test split
+        value = item[target]
+        if record.task == "vqa":
+            ok = isinstance(value, list) and all(
+                isinstance(a, list)
+                and len(a) == 2
+                and isinstance(a[0], int)
+                and (num_classes is None or 0 <= a[0] < num_classes)
+                and isinstance(a[1], (int, float))
+                and 0 <= a[1] <= 1
+                for a in value
+            )
+            if not ok:
+                raise fail(
+                    "items.json",
+                    "range",
+                    f"{where} ({item['id']}): answers must be [[index in [0, "
+                    f"{num_classes}), score in [0, 1]], ...], got {str(value)[:100]}",
+                )
+        elif record.task == "ve":
+            if not isinstance(value, int) or isinstance(value, bool) or value not in (0, 1, 2):
+                raise fail(
+                    "items.json",
+                    "range",
+                    f"{where} ({item['id']}): label must be 0, 1 or 2, got {value!r}",
+                )
+        elif not isinstance(value, bool) and value not in (0, 1):
+            raise fail(
+                "items.json",
+                "range",
+                f"{where} ({item['id']}): target must be true or false, got {value!r}",
+            )
+
+
+def decode_task_sample(
+    raw: dict,
+    *,
+    shard: str,
+    task: str,
+    num_classes: int | None = None,
+    vocab: Vocab = BERT_BASE_CASED,
+) -> TaskRecord:
+    """Decode and validate one sample (member -> bytes) of a `task` shard (allow-list)."""
+    key = str(raw.get("__key__"))
+    allowed = _members(task)
+    for member in raw:
+        if member not in _WDS_META and member not in allowed:
+            raise ShardFormatError(
+                shard,
+                key,
+                str(member),
+                "forbidden_member",
+                f"is not an allowed member of a {task} shard (allowed: "
+                f"{', '.join(allowed)}); refused undecoded",
+            )
+    missing = [m for m in allowed if m not in raw]
+    if missing:
+        raise ShardFormatError(
+            shard, key, missing[0], "missing_field", f"is missing (missing: {', '.join(missing)})"
+        )
+    images = [
+        (
+            _load_npy(raw["feat.npy"], shard, key, "feat.npy"),
+            _load_npy(raw["loc.npy"], shard, key, "loc.npy"),
+        )
+    ]
+    if task == "nlvr2":
+        images.append(
+            (
+                _load_npy(raw["feat1.npy"], shard, key, "feat1.npy"),
+                _load_npy(raw["loc1.npy"], shard, key, "loc1.npy"),
+            )
+        )
+    items = _load_json(raw["items.json"], shard, key, "items.json")
+    meta = _load_json(raw["meta.json"], shard, key, "meta.json")
+    if not isinstance(items, dict) or not isinstance(items.get("items"), list):
+        raise ShardFormatError(shard, key, "items.json", "type", 'expected {"items": [...]}')
+    if not isinstance(meta, dict):
+        raise ShardFormatError(shard, key, "meta.json", "type", "expected a JSON object")
+    if meta.get("task", task) != task:
+        raise ShardFormatError(
+            shard, key, "meta.json", "type", f"a {meta.get('task')!r} sample in a {task} shard"
+        )
+    record = TaskRecord(
+        key=key, task=task, images=images, items=items["items"], meta=meta, shard=shard
+    )
+    validate_task_record(record, shard=shard, num_classes=num_classes, vocab=vocab)
+    return record
+
+
+def write_task_shards(
+    out_dir, records, *, prefix: str, num_classes: int | None = None, max_samples: int = 500
+) -> list[dict]:
+    """Validate and write `records` (TaskRecords of one task) as shards; returns the finished
+    shards' entries (name, samples, pairs = texts, bytes, sha256, first and last key)."""
+    with ShardWriter(out_dir, prefix=prefix, max_samples=max_samples, overwrite=True) as writer:
+        for record in records:
+            validate_task_record(record, shard=writer._name(writer._index), num_classes=num_classes)
+            writer.write_sample(record.key, encode_task_sample(record), pairs=len(record.items))
+    return writer.finished
+
+
+def iter_task_shard(
+    url: str, task: str, *, num_classes: int | None = None, on_bad=None
+) -> Iterator[TaskRecord]:
+    """The validated records of one task shard, in file order (bad ones: see `iter_shard`)."""
+
+    def decode(members: dict[str, Any], *, shard: str) -> TaskRecord:
+        return decode_task_sample(members, shard=shard, task=task, num_classes=num_classes)
+
+    return iter_shard(url, on_bad=on_bad, decode=decode)
+
+
+__all__ = [
+    "TARGET_FIELD",
+    "TaskRecord",
+    "decode_task_sample",
+    "encode_task_sample",
+    "iter_task_shard",
+    "validate_task_record",
+    "write_task_shards",
+]
