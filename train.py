@@ -1,6 +1,8 @@
-r"""Pretrain UNITER.
+r"""Pretrain UNITER, or fine-tune it on a downstream task.
 
     python train.py            # CPU quick start: tiny model on synthetic shards it writes itself
+    python train.py --task vqa # a downstream task's quick start (vqa, ve, nlvr2): summary.json
+                               # holds the validation metric and its chance level
     python train.py --config configs/pretrain/tiny-cpu.yaml --output-dir runs/tiny
     python train.py --data 'shards/coco-{000000..000099}.tar' \
         --model-config configs/model/uniter-base.json --init-checkpoint bert-base-cased.pt
@@ -38,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", help="YAML recipe (see configs/pretrain/)")
+    p.add_argument(
+        "--task",
+        choices=["pretrain", "vqa", "ve", "nlvr2"],
+        help="pretrain (default) or a downstream task; without --config a downstream task runs "
+        "its CPU quick start, configs/finetune/<task>-tiny-cpu.yaml",
+    )
+    p.add_argument("--config", help="YAML recipe (see configs/pretrain/, configs/finetune/)")
     p.add_argument("--output-dir", help="run folder for logs, checkpoints and the summary")
     p.add_argument("--max-steps", type=int, help="optimizer steps to run")
     p.add_argument(
@@ -98,8 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# A downstream task's CPU quick start (`python train.py --task vqa`).
+QUICK_START = "configs/finetune/{task}-tiny-cpu.yaml"
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
+    if args.config:
+        cfg = RunConfig.from_file(args.config)
+    elif args.task not in (None, "pretrain"):
+        cfg = RunConfig.from_file(QUICK_START.format(task=args.task))
+    else:
+        cfg = RunConfig()
+    if args.task is not None and args.config and cfg.task != args.task:
+        raise ValueError(f"--task {args.task} but the recipe {args.config} is for {cfg.task!r}")
     values = cfg.to_dict()
     names = (
         "output_dir",

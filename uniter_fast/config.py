@@ -301,6 +301,36 @@ class OptimConfig:
             raise ValueError("optim.weight_decay must be >= 0 and optim.eps > 0")
 
 
+@dataclass
+class FinetuneConfig:
+    """Settings of the downstream tasks (`task` other than "pretrain").
+
+    num_answers: VQA's answer vocabulary (the reference's 3129); nlvr2_variant: "paired-attn"
+    (the reference's configs), "paired" or "triplet"; head_lr_mul: the head's lr multiplier (the
+    reference's VQA `lr_mul`: 10); max_txt_len: training texts longer than this many tokens
+    ([CLS]/[SEP] not counted) are dropped, as the reference drops them (evaluation keeps all).
+    """
+
+    num_answers: int = 3129
+    nlvr2_variant: str = "paired-attn"
+    head_lr_mul: float = 1.0
+    max_txt_len: int = 60
+
+    def __post_init__(self) -> None:
+        if self.num_answers < 1:
+            raise ValueError(f"finetune.num_answers must be at least 1, got {self.num_answers}")
+        if self.nlvr2_variant not in ("paired-attn", "paired", "triplet"):
+            raise ValueError(
+                "finetune.nlvr2_variant must be paired-attn, paired or triplet, got "
+                f"{self.nlvr2_variant!r}"
+            )
+        if self.head_lr_mul <= 0:
+            raise ValueError(f"finetune.head_lr_mul must be positive, got {self.head_lr_mul}")
+        if self.max_txt_len < 1:
+            raise ValueError(f"finetune.max_txt_len must be at least 1, got {self.max_txt_len}")
+
+
+RUN_TASKS = ("pretrain", "vqa", "ve", "nlvr2")  # uniter_fast.train.tasks
 KERNEL_BACKENDS = ("auto", "reference", "triton")
 # The names of uniter_fast.model.attention.ATTENTION_BACKENDS (kept here: config imports no torch)
 ATTENTION_BACKENDS = ("auto", "flash", "varlen", "sdpa", "eager")
@@ -330,12 +360,14 @@ class RunConfig:
     training too, without attention dropout: a change from the recipe, logged as one);
     kernels: "auto" (the fused Triton kernels on CUDA where they are the measured default per op,
     the PyTorch reference ops elsewhere), "reference" (the fused paths off), or "triton" (forced;
-    on the CPU only under TRITON_INTERPRET=1, for debugging).
+    on the CPU only under TRITON_INTERPRET=1, for debugging). task: "pretrain" or a downstream
+    task ("vqa", "ve", "nlvr2"; `uniter_fast.train.tasks`), whose settings are in `finetune`.
 
     The defaults of `optim` here are the quick start's (lr 1e-3, 40 warm-up steps); an `optim`
     section in a recipe starts from `OptimConfig`'s, which are the reference's (lr 5e-5, 10k).
     """
 
+    task: str = "pretrain"
     model_config: str = "configs/model/uniter-tiny.json"
     output_dir: str | None = None
     max_steps: int = 400
@@ -358,8 +390,13 @@ class RunConfig:
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=40)
     )
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
+        if self.task not in RUN_TASKS:
+            raise ValueError(f"task must be one of {', '.join(RUN_TASKS)}, got {self.task!r}")
+        if not isinstance(self.finetune, FinetuneConfig):
+            self.finetune = _build(FinetuneConfig, self.finetune, "finetune")
         if not isinstance(self.data, DataConfig):  # _build refuses what is not a mapping
             self.data = _build(DataConfig, self.data, "data")
         if not isinstance(self.optim, OptimConfig):

@@ -62,16 +62,38 @@ DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 1}}
 ENGINE_TAG = "engine"  # the sub-folder of a checkpoint that holds DeepSpeed's files
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    head_params=(),
+    head_lr: float | None = None,
+) -> list[dict]:
+    """AdamW groups: decay and no decay (biases, LayerNorm); with `head_params` and `head_lr`,
+    two more for those parameters at their own lr (the reference's VQA head at lr x lr_mul)."""
+    heads = {id(p) for p in head_params} if head_lr is not None else set()
+    groups = {(False, False): [], (False, True): [], (True, False): [], (True, True): []}
     for name, p in model.named_parameters():  # tied parameters appear once
         if not p.requires_grad:
             continue
-        (no_decay if any(nd in name for nd in NO_DECAY) else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        groups[(id(p) in heads, any(nd in name for nd in NO_DECAY))].append(p)
+    out = [
+        {"params": groups[(False, False)], "weight_decay": weight_decay},
+        {"params": groups[(False, True)], "weight_decay": 0.0},
     ]
+    if heads:
+        out += [
+            {"params": groups[(True, False)], "weight_decay": weight_decay, "lr": head_lr},
+            {"params": groups[(True, True)], "weight_decay": 0.0, "lr": head_lr},
+        ]
+    return out
+
+
+def _with_lr_mul(groups: list[dict], lr: float) -> list[dict]:
+    """Record each group's multiple of the base lr (set_schedule rebuilds from it)."""
+    for group in groups:
+        group["lr_mul"] = group["lr"] / lr if "lr" in group else 1.0
+    return groups
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,13 +327,17 @@ class Engine:
         total_steps: int,
         deepspeed_config: dict,
         device: torch.device,
+        head_params=(),
+        head_lr_mul: float = 1.0,
     ):
         import deepspeed
 
         fused = {"fused": True} if device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fused
+        head_lr = cfg.lr * head_lr_mul if head_params and head_lr_mul != 1.0 else None
+        groups = _with_lr_mul(
+            param_groups(model, cfg.weight_decay, head_params=head_params, head_lr=head_lr), cfg.lr
         )
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(cfg, total_steps))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config
@@ -418,17 +444,18 @@ class Engine:
         (warm-up then linear decay from step 1 to `total_steps`), not a fresh warm-up."""
         scheduler = self.scheduler
         optimizer = scheduler.optimizer  # the torch AdamW: ZeRO's wrappers share its groups
-        scheduler.lr_lambdas = [Schedule(cfg, total_steps)] * len(optimizer.param_groups)
-        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        groups = optimizer.param_groups
+        scheduler.lr_lambdas = [Schedule(cfg, total_steps)] * len(groups)
+        # A head group keeps its multiple of the lr (param_groups' "lr_mul").
+        scheduler.base_lrs = [cfg.lr * group.get("lr_mul", 1.0) for group in groups]
         lrs = [
             base * schedule(scheduler.last_epoch)
             for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
         ]
-        # param_groups() puts the decayed parameters first, the no-decay ones second
-        for group, lr, decay in zip(
-            optimizer.param_groups, lrs, (cfg.weight_decay, 0.0), strict=True
-        ):
-            group.update(lr=lr, initial_lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=decay)
+        # param_groups() alternates decayed and no-decay groups, decayed first
+        for i, (group, lr, base) in enumerate(zip(groups, lrs, scheduler.base_lrs, strict=True)):
+            decay = cfg.weight_decay if i % 2 == 0 else 0.0
+            group.update(lr=lr, initial_lr=base, betas=cfg.betas, eps=cfg.eps, weight_decay=decay)
         scheduler._last_lr = lrs
         return lrs[0]
 

@@ -40,7 +40,6 @@ from ..convert import load_pretrained, save_reference
 from ..data.pipeline import BadSamples, Loader, TrainSource, iter_eval_batches, split_shards
 from ..data.shards import list_shards
 from ..errors import RunError, report
-from ..model import UniterForPretraining
 from ..ops import describe_kernels
 from . import checkpoint as ckpt
 from .abort import RunErrorBroadcast
@@ -57,13 +56,14 @@ from .engine import (
     make_universal,
 )
 from .logging import MetricsWriter, Progress, environment_info, setup_logging
+from .tasks import METRIC, get_task
 
 log = logging.getLogger("uniter_fast.train")
 
 EVAL_TASKS = ("itm", "mlm", "mrckl", "mrfr")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_VALIDATION = "no validation data: data.val (--val-data) is empty, so this run validates nothing"
-TASK_CODES = ("itm", "mlm", "mrfr", "mrc", "mrckl")
+TASK_CODES = ("itm", "mlm", "mrfr", "mrc", "mrckl", "vqa", "ve", "nlvr2")
 _NO_BAD = 2**62
 # Test hook for the fault tests (tests/test_faults.py): "nan@STEP" makes rank 0's loss NaN from
 # optimizer step STEP on; "kill-in-save@STEP" SIGKILLs rank 0 inside the save of step STEP, after
@@ -183,6 +183,11 @@ def prepare(cfg: RunConfig) -> Run:
         model_config = UniterConfig.from_json(cfg.model_config)
     except (FileNotFoundError, ValueError) as e:
         raise RunError(f"model config: {e}") from None
+    if cfg.init_checkpoint and "???" in cfg.init_checkpoint:
+        raise RunError(
+            f"the recipe leaves init_checkpoint for you to set ({cfg.init_checkpoint}): edit the "
+            "YAML or pass --init-checkpoint"
+        )
     if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
         raise RunError(f"init checkpoint not found: {cfg.init_checkpoint}")
     device = _device(cfg.device)
@@ -242,7 +247,8 @@ def prepare(cfg: RunConfig) -> Run:
     synthetic = not cfg.data.train
     if synthetic:
         data_dir = output_dir / "data"
-        sources = [TrainSource("synthetic", [str(data_dir / "train")], dict(DEFAULT_MIX))]
+        mix = dict(DEFAULT_MIX) if cfg.task == "pretrain" else {}
+        sources = [TrainSource("synthetic", [str(data_dir / "train")], mix)]
         val_urls = [str(data_dir / "val")] if cfg.data.synthetic_val_images else []
     else:
         unset = [
@@ -263,7 +269,8 @@ def prepare(cfg: RunConfig) -> Run:
                 urls = list_shards(s.shards)
             except FileNotFoundError as e:
                 raise RunError(f"training shards of dataset {s.name!r}: {e}") from None
-            split_shards(urls, 0, readers, cfg.data.mode, f"dataset {s.name!r}")  # exact: enough?
+            if cfg.task == "pretrain":  # a downstream loader deals examples, not shards
+                split_shards(urls, 0, readers, cfg.data.mode, f"dataset {s.name!r}")
         try:
             val_urls = list_shards(cfg.data.val) if cfg.data.val else []
         except FileNotFoundError as e:
@@ -293,12 +300,18 @@ def _write_synthetic(run: Run) -> None:
     if not done.is_file():  # a resumed run reuses them (same seed, same shards)
         data = run.cfg.data
         log.info(
-            "writing synthetic shards to %s (%d training and %d validation images)",
+            "writing synthetic %s shards to %s (%d training and %d validation images)",
+            run.cfg.task,
             data_dir,
             data.synthetic_images,
             data.synthetic_val_images,
         )
         start = time.perf_counter()
+        if run.cfg.task != "pretrain":
+            get_task(run.cfg.task).write_synthetic(data_dir, run.cfg)
+            done.write_text("")
+            log.info("synthetic shards written in %.1f s", time.perf_counter() - start)
+            return
         # A bar on a terminal only: in a file its carriage returns run into the next line.
         bar = sys.stderr.isatty()
         write_synthetic(data_dir / "train", data.synthetic_images, seed=run.cfg.seed, progress=bar)
@@ -519,13 +532,8 @@ def _build_engine(run: Run, rank: int, world: int):
     saved state (None for a new run) and the attention choice."""
     cfg = run.cfg
     _seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = UniterForPretraining(
-        run.model_config,
-        wra_weight=cfg.wra_weight,
-        kernels=cfg.kernels,
-        attention=cfg.attention,
-        varlen_dropout=cfg.varlen_dropout,
-    )
+    task = get_task(cfg.task)
+    model = task.build_model(cfg, run.model_config)
     if cfg.init_checkpoint and run.resume_from is None:
         load_pretrained(model, cfg.init_checkpoint, verbose=rank == 0)
     model.to(run.device).train()
@@ -556,12 +564,15 @@ def _build_engine(run: Run, rank: int, world: int):
             barrier()
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
             source = universal
+    heads = task.head_parameters(model) if cfg.task != "pretrain" else []
     engine = Engine(
         model,
         cfg.optim,
         total_steps=cfg.max_steps,
         deepspeed_config=ds_config,
         device=run.device,
+        head_params=heads,
+        head_lr_mul=cfg.finetune.head_lr_mul,
     )
     if source is not None:
         engine.load(source)
@@ -601,6 +612,19 @@ def _build_loader(run: Run, rank: int, world: int, saved: dict | None, rank_stat
             "; in exact mode the current epoch starts over" if cfg.data.mode == "exact" else "",
         )
         state, seed = None, seed + saved["step"]
+    if cfg.task != "pretrain":
+        urls = [u for source in run.sources for u in source.shards]
+        try:
+            return get_task(cfg.task).loader(
+                urls,
+                cfg,
+                rank=rank,
+                world=world,
+                pin_memory=run.device.type == "cuda",
+                state=state,
+            )
+        except (FileNotFoundError, ValueError) as e:
+            raise RunError(f"{cfg.task} training data: {e}") from None
     return Loader(
         run.sources,
         tokens_per_batch=cfg.data.tokens_per_batch,
@@ -623,7 +647,7 @@ def _export_reference(run: Run, checkpoint: Path) -> Path:
     # DeepSpeed's converter prints as it goes, and draws a progress bar on stderr
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         weights = fp32_state_dict(checkpoint)
-    model = UniterForPretraining(run.model_config, wra_weight=run.cfg.wra_weight)
+    model = get_task(run.cfg.task).build_model(run.cfg, run.model_config)
     model.load_state_dict(weights, strict=True)  # our names, the tied ones included
     return save_reference(model, run.output_dir / "model_reference.pt")
 
@@ -746,6 +770,8 @@ def _train(run: Run, rank: int, world: int) -> dict:
     if saved is not None and saved["world_size"] == world:
         rank_state = ckpt.load_rank_state(run.resume_from, rank)
     batches = _build_loader(run, rank, world, saved, rank_state)
+    plugin = get_task(cfg.task)
+    validate = _validator(run, engine, rank, world)
     window = Window(run.device)
     if rank_state is not None:
         ckpt.set_rng_state(rank_state["rng"])
@@ -754,13 +780,21 @@ def _train(run: Run, rank: int, world: int) -> dict:
         _seed_everything(cfg.seed + 1000 * (rank + 1) + start_step)  # dropout differs per rank
     if saved:
         log.info("resumed from %s at step %d", run.resume_from, start_step)
-    log.info(
-        "data: %s mode, %d worker(s) per rank, blocks of %d images, %d real tokens per batch",
-        cfg.data.mode,
-        cfg.data.num_workers,
-        cfg.data.block_images,
-        cfg.data.tokens_per_batch,
-    )
+    if cfg.task == "pretrain":
+        log.info(
+            "data: %s mode, %d worker(s) per rank, blocks of %d images, %d real tokens per batch",
+            cfg.data.mode,
+            cfg.data.num_workers,
+            cfg.data.block_images,
+            cfg.data.tokens_per_batch,
+        )
+    else:
+        log.info(
+            "data: %d %s training examples on this rank's share, %d real tokens per batch",
+            len(batches.examples) // world,
+            cfg.task,
+            cfg.data.tokens_per_batch,
+        )
 
     metrics = None
     if rank == 0:
@@ -825,7 +859,7 @@ def _train(run: Run, rank: int, world: int) -> dict:
             tokens, pairs = batch.num_tokens, batch.num_pairs
             my_tokens += tokens
             batch = batch.to(run.device, non_blocking=True)
-            out = engine(batch, task)
+            out = plugin.forward(engine, batch, task)
             loss = out["loss"]
             if nan_step is not None and step >= nan_step and rank == 0:
                 loss = loss * float("nan")
@@ -866,7 +900,7 @@ def _train(run: Run, rank: int, world: int) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
             last_checkpoint = save(step)
         if cfg.val_every and step % cfg.val_every == 0 and run.val_urls and step != cfg.max_steps:
-            val = evaluate(engine, run.val_urls, tokens_per_batch=cfg.data.tokens_per_batch)
+            val = validate()
             if metrics is not None:
                 metrics.write({"step": step, "split": "val", **val}, prefix="val")
     progress.close()
@@ -883,10 +917,12 @@ def _train(run: Run, rank: int, world: int) -> dict:
         reference = _export_reference(run, last_checkpoint)
     val = {}
     if run.val_urls:
-        val = evaluate(engine, run.val_urls, tokens_per_batch=cfg.data.tokens_per_batch)
+        val = validate()
         if metrics is not None:
             metrics.write({"step": cfg.max_steps, "split": "val", **val}, prefix="val")
     summary = {
+        "task": cfg.task,
+        **_headline(run, val),
         "steps": cfg.max_steps,
         "resumed_from_step": start_step,
         "world_size": world,
@@ -915,6 +951,48 @@ def _train(run: Run, rank: int, world: int) -> dict:
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary))
     return summary
+
+
+def _validator(run: Run, engine, rank: int, world: int):
+    """The run's validation as a call: pretraining's per-task losses and accuracies, or the
+    downstream task's loss and metric (its examples read once)."""
+    cfg = run.cfg
+    if cfg.task == "pretrain":
+        return lambda: evaluate(engine, run.val_urls, tokens_per_batch=cfg.data.tokens_per_batch)
+    task = get_task(cfg.task)
+    cache: dict = {}
+
+    def validate() -> dict:
+        if "examples" not in cache:
+            cache["examples"], bad = task.validation_examples(run.val_urls, cfg)
+            if bad.num_bad:
+                log.warning(
+                    "validation: %d bad samples skipped, by reason %s", bad.num_bad, bad.by_reason()
+                )
+        return task.evaluate(
+            engine,
+            cache["examples"],
+            cfg,
+            device=run.device,
+            rank=rank,
+            world=world,
+            all_reduce=_all_reduce,
+        )
+
+    return validate
+
+
+def _headline(run: Run, val: dict) -> dict:
+    """A downstream run's validation figure: metric, value and the task's chance level."""
+    if run.cfg.task == "pretrain":
+        return {}
+    metric = METRIC[run.cfg.task]
+    return {
+        "metric": metric,
+        "value": val.get(metric),
+        "chance": get_task(run.cfg.task).chance() if run.synthetic else None,
+        "split": "val (synthetic)" if run.synthetic else "val",
+    }
 
 
 def _data_summary(bad: BadSamples, per_rank: list[BadSamples], data: DataConfig) -> dict:
@@ -998,7 +1076,11 @@ def format_summary(s: dict) -> str:
     for task in sorted(s["loss_first"]):
         lines.append(f"  {task:6s} {s['loss_first'][task]:8.4f} -> {s['loss_last'][task]:8.4f}")
     v = s["validation"]
-    if v:
+    if v and s.get("metric"):
+        chance = f" (chance {s['chance']:.3f})" if s.get("chance") is not None else ""
+        lines.append(f"validation ({s['split']}, {v['n']} examples):")
+        lines.append(f"  {s['metric']} {s['value']:.4f}{chance}, loss {v['loss']:.4f}")
+    elif v:
         lines.append("validation (held-out images):")
         lines.append(
             f"  itm accuracy {v['itm_acc']:.3f} (chance 0.5; positives are "
