@@ -200,6 +200,51 @@ def test_train_task_writes_the_summary(task, tmp_path):
     model = uf.UniterForVqa(cfg, num_answers=8) if task == "vqa" else uf.UniterForNlvr2(cfg)
     report = uf.load_pretrained(model, out / "model_reference.pt", verbose=False)
     assert not report.missing and not report.unexpected
+    # The evaluation command on the run folder gives the run's validation figure back and
+    # writes the server's prediction format.
+    from uniter_fast.evaluate.__main__ import main as evaluate
+
+    ev = tmp_path / "eval"
+    argv = ["--task", task, "--checkpoint", str(out), "--data", str(out / "data" / "val")]
+    assert evaluate([*argv, "--output", str(ev), "--tokens-per-batch", "2048"]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["examples"] == summary["validation"]["n"]
+    assert metrics[summary["metric"]] == pytest.approx(summary["value"], abs=1e-6)
+    if task == "vqa":
+        rows = json.loads((ev / "predictions.json").read_text())
+        assert len(rows) == metrics["examples"] and set(rows[0]) == {"question_id", "answer"}
+    else:
+        lines = (ev / "predictions.csv").read_text().splitlines()
+        assert len(lines) == metrics["examples"] and lines[0].split(",")[1] in ("True", "False")
+        assert 0 <= metrics["consistency"] <= 1
+
+
+def test_prediction_formats(tmp_path):
+    from uniter_fast.evaluate.formats import (
+        nlvr2_consistency,
+        read_answer_vocabulary,
+        write_predictions,
+    )
+
+    # Consistency: a sentence (identifier without its pair number) counts only if all its
+    # image pairs are right.
+    ids = ["dev-1-0-0", "dev-1-1-0", "dev-2-0-1", "dev-2-1-1"]
+    assert nlvr2_consistency(ids, [True, True, True, False]) == 0.5
+    vocab = tmp_path / "ans2label.json"
+    vocab.write_text(json.dumps({"yes": 0, "no": 1, "2": 2}))
+    answers = read_answer_vocabulary(vocab)
+    assert answers == ["yes", "no", "2"]
+    scores = np.array([[0.1, 0.9, 0.0], [3.0, 0.0, 1.0]])
+    write_predictions("vqa", tmp_path, ["17", "q2"], scores, answers=answers, logits=True)
+    rows = json.loads((tmp_path / "predictions.json").read_text())
+    assert rows == [{"question_id": 17, "answer": "no"}, {"question_id": "q2", "answer": "yes"}]
+    assert np.load(tmp_path / "logits.npy").dtype == np.float16
+    with pytest.raises(ValueError, match="3 answers, the model 2"):
+        write_predictions("vqa", tmp_path, ["1"], np.zeros((1, 2)), answers=answers)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"yes": 0, "no": 0}))
+    with pytest.raises(ValueError, match="once each"):
+        read_answer_vocabulary(bad)
 
 
 def test_task_and_config_must_agree(tmp_path):

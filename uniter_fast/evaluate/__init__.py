@@ -1,0 +1,1 @@
+"""Evaluation of fine-tuned models: `python -m uniter_fast.evaluate` (see __main__.py)."""
