@@ -3,6 +3,7 @@
     python benchmarks/bench_e2e.py                         # CUDA: base and large, every provider
     python benchmarks/bench_e2e.py --models large --providers fast authors
     python benchmarks/bench_e2e.py --device cpu --quick    # a smoke run: tiny model, few steps
+    python benchmarks/bench_e2e.py --task vqa              # fine-tuning: see bench_finetune.py
     python benchmarks/bench_e2e.py --gate                  # the CPU regression gate's run (CI)
     python benchmarks/plot_e2e.py runs/bench/e2e-*.json
     python benchmarks/check_regression.py runs/bench/e2e-....json
@@ -932,7 +933,16 @@ def print_model(name: str, r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    s = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=("pretrain", "vqa", "nlvr2"), default="pretrain")
+    known, rest = pre.parse_known_args(argv)
+    if known.task != "pretrain":
+        # Fine-tuning steps and evaluation, ours against the authors': bench_finetune.py.
+        import bench_finetune
+
+        return bench_finetune.main(["--tasks", known.task, *rest])
+    s = parse_args(rest)
     if s.cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 stays fp32 (the loss check)
     peak = peak_matmul_flops(s)

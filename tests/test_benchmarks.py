@@ -320,3 +320,17 @@ def test_bench_static_measures_the_padding(tmp_path):
     shape = StaticShape(**row["covering_shape"])
     assert row["covering_rows"] == shape.rows > shape.tokens
     assert row["pad_ms_median"] > 0
+
+
+def test_bench_finetune_times_ours_and_the_authors(tmp_path):
+    """Fine-tuning and evaluation throughput of VQA and NLVR2, through bench_e2e's --task; the
+    two providers' losses are checked equal before anything is timed."""
+    result = run_benchmark(
+        "bench_e2e.py", "--task", "nlvr2", "--device", "cpu", "--quick", out=tmp_path / "f.json"
+    )
+    (entry,) = result["results"].values()
+    assert set(entry["providers"]) == {"fast", "authors"}
+    for p in entry["providers"].values():
+        assert p["train_examples_per_s"] > 0 and p["eval_examples_per_s"] > 0
+    losses = entry["loss_check"]
+    assert abs(losses["fast"] - losses["authors"]) <= 1e-4 * abs(losses["authors"]) + 1e-6
