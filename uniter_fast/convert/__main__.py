@@ -6,6 +6,8 @@
         --out DIR
     python -m uniter_fast.convert npz-captions --npz-dir DIR --captions JSON --vocab vocab.txt \\
         --out DIR
+    python -m uniter_fast.convert ve-jsonl --jsonl FILE --npz-dir DIR --vocab vocab.txt --out DIR
+    python -m uniter_fast.convert nlvr2-jsonl --jsonl FILE --npz-dir DIR --vocab vocab.txt --out DIR
     python -m uniter_fast.convert verify DIR_OR_PATTERN [--manifest PATH] [--deep]
 
 `python -m uniter_fast.convert SUBCOMMAND --help` explains each. Exit status: 0 done (verify:
@@ -203,6 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_args(p)
     _add_output_args(p)
 
+    for task, what in (("ve", "SNLI-VE"), ("nlvr2", "NLVR2")):
+        p = sub.add_parser(
+            f"{task}-jsonl",
+            help=f"{what} JSONL + per-image .npz -> {task} task shards",
+            description=_wrap(
+                f"Convert the public {what} JSONL with per-image .npz features into {task} "
+                "task shards (one sample per image"
+                + (" pair" if task == "nlvr2" else "")
+                + ", holding every text about it); see uniter_fast/convert/tasks.py for the "
+                "fields read and the file names of the features."
+            ),
+            epilog=_wrap(
+                "Resumable and atomic like every conversion (a killed run continues with the "
+                "same command); bad lines and images are skipped and counted by reason in "
+                "DIR/manifest.json."
+            ),
+            formatter_class=fmt,
+        )
+        p.add_argument("--jsonl", type=Path, required=True, help=f"the {what} JSONL file")
+        p.add_argument("--npz-dir", type=Path, required=True, help="directory of per-image .npz")
+        p.add_argument("--vocab", type=Path, required=True, help="WordPiece vocab.txt")
+        p.add_argument("--lowercase", action="store_true", help="uncased vocabularies")
+        _add_output_args(p)
+
     p = sub.add_parser(
         "verify",
         help="check a shard set (decode, schema, unique keys, manifest checksums)",
@@ -226,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _source(args: argparse.Namespace, dataset: str, policy: RegionPolicy):
+    if args.command in ("ve-jsonl", "nlvr2-jsonl"):
+        from .tasks import TaskJsonlSource
+
+        return TaskJsonlSource(
+            args.command.split("-")[0],
+            args.jsonl,
+            args.npz_dir,
+            args.vocab,
+            dataset=dataset,
+            lowercase=args.lowercase,
+            policy=policy,
+        )
     if args.command == "lmdb":
         from .lmdb import LmdbSource
 

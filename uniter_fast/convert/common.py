@@ -242,6 +242,28 @@ def build_record(
     "nonfinite": the record is corrupt even if the bad value sits in a dropped region); a kept
     feature outside the float16 range skips it too ("fp16_overflow") rather than storing inf.
     """
+    feat16, loc32, soft16 = select_regions(
+        features=features, loc=loc, conf=conf, soft=soft, policy=policy
+    )
+    record = ImageRecord(key=key, feat=feat16, loc=loc32, soft=soft16, captions=captions, meta=meta)
+    try:
+        validate_record(record, shard="", vocab=vocab)
+    except ShardFormatError as e:  # whatever the checks above did not catch (negative soft...)
+        raise SkipRecord(e.reason, e.field, e.detail) from None
+    return record
+
+
+def select_regions(
+    *,
+    features: np.ndarray,
+    loc: np.ndarray,
+    conf: np.ndarray | None,
+    soft: np.ndarray,
+    policy: RegionPolicy,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`build_record`'s checks and region selection: (feat float16, loc float32, soft float16)
+    of the kept regions; raises `SkipRecord` on any bad input (the task converters use it
+    directly: task shards keep no captions)."""
     if not isinstance(features, np.ndarray) or features.ndim != 2:
         shape = getattr(features, "shape", None)
         raise SkipRecord("shape", "features", f"has shape {shape}, expected (n, {IMG_DIM})")
@@ -263,19 +285,7 @@ def build_record(
         raise SkipRecord(
             "fp16_overflow", "features", f"has |value| {big:g} beyond float16's {FP16_MAX:g}"
         )
-    record = ImageRecord(
-        key=key,
-        feat=feat16,
-        loc=loc[idx].astype(np.float32),
-        soft=soft[idx].astype(np.float16),
-        captions=captions,
-        meta=meta,
-    )
-    try:
-        validate_record(record, shard="", vocab=vocab)
-    except ShardFormatError as e:  # whatever the checks above did not catch (negative soft...)
-        raise SkipRecord(e.reason, e.field, e.detail) from None
-    return record
+    return feat16, loc[idx].astype(np.float32), soft[idx].astype(np.float16)
 
 
 def filter_captions(
@@ -930,7 +940,10 @@ def run_conversion(source: Source, opts: ConvertOptions, *, log=None) -> dict:
                 if unit.record is None:
                     pending.append(unit)
                     continue
-                writer.write(unit.record)
+                if isinstance(unit.record, ImageRecord):
+                    writer.write(unit.record)
+                else:  # a downstream task's record (uniter_fast.data.task_shards)
+                    _write_task_record(writer, unit.record)
                 for skipped in pending:
                     stats.apply(skipped)
                 pending.clear()
@@ -949,6 +962,14 @@ def run_conversion(source: Source, opts: ConvertOptions, *, log=None) -> dict:
         return manifest
     finally:
         source.close()
+
+
+def _write_task_record(writer: ShardWriter, record) -> None:
+    from ..data.task_shards import encode_task_sample, validate_task_record
+
+    shard = writer._name(writer._index)
+    validate_task_record(record, shard=shard, num_classes=record.meta.get("num_classes"))
+    writer.write_sample(record.key, encode_task_sample(record), pairs=len(record.items))
 
 
 def _check_bad_fraction(stats: Stats, opts: ConvertOptions, source: Source) -> None:

@@ -65,6 +65,15 @@ class TaskRecord:
     meta: dict = field(default_factory=dict)
     shard: str = ""
 
+    @property
+    def captions(self) -> list[np.ndarray]:
+        """The texts' token ids (what a converter's statistics count as captions)."""
+        return [np.asarray(item["input_ids"]) for item in self.items]
+
+    @property
+    def num_regions(self) -> int:
+        return sum(int(feat.shape[0]) for feat, _ in self.images)
+
 
 def encode_task_sample(record: TaskRecord) -> dict[str, bytes | str]:
     sample: dict[str, bytes | str] = {"__key__": record.key}
