@@ -144,3 +144,85 @@ def test_missing_inputs_are_refused(tmp_path, capsys):
     assert code == 1 and "not a directory" in out.err
     with pytest.raises(SystemExit):
         main(["nlvr2-jsonl", "--jsonl", str(jsonl)])
+
+
+def test_vqa_answer_normalisation_and_scores():
+    from uniter_fast.convert.vqa import normalize_answer, soft_score
+
+    cases = {
+        "Two": "2",
+        "the dog!": "dog",
+        "yes.": "yes",
+        "isnt": "isn't",
+        "10,000": "10000",
+        "A  Red-Car": "red car",
+        "3.5": "3.5",
+    }
+    assert {a: normalize_answer(a) for a in cases} == cases
+    assert [soft_score(n) for n in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
+
+
+def _vqa_files(tmp_path, rng):
+    (tmp_path / "npz").mkdir(exist_ok=True)
+    _npz(tmp_path / "npz" / "COCO_val2014_000000000042.npz", make_image(rng, 14, 11))
+    _npz(tmp_path / "npz" / "7.npz", make_image(rng, 20, 12))
+    questions = {
+        "questions": [
+            {"question_id": 1, "image_id": 42, "question": "A man riding"},
+            {"question_id": 2, "image_id": 42, "question": "The dog"},
+            {"question_id": 3, "image_id": 7, "question": "a horse"},
+            {"question_id": 4, "image_id": 9, "question": "a dog"},  # no features
+            {"question_id": "x", "image_id": 7},  # malformed
+        ]
+    }
+
+    def answers(*words):
+        return [{"answer": w} for w in words]
+
+    def ann(qid, mc, *words):
+        return {"question_id": qid, "multiple_choice_answer": mc, "answers": answers(*words)}
+
+    annotations = {
+        "annotations": [
+            ann(1, "yes", *["yes"] * 3, "Yes.", "no", *["two"] * 5),
+            ann(2, "2", "2", "two", "Two"),
+            ann(3, "yes", "yes", "red"),
+            ann(4, "two", "no"),
+            ann(99, "no"),  # a question the questions file does not have
+        ]
+    }
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+
+
+def test_vqa_json(tmp_path, rng, capsys):
+    _vqa_files(tmp_path, rng)
+    vocab = write_vocab(tmp_path / "vocab.txt")
+    base = ["vqa-json", "--questions", str(tmp_path / "q.json"), "--npz-dir", str(tmp_path / "npz")]
+    base += ["--vocab", str(vocab), "--no-progress", "--max-bad-fraction", "0.9"]
+    args = [*base, "--annotations", str(tmp_path / "a.json"), "--out", str(tmp_path / "out")]
+    code, out = _run(capsys, *args, "--min-answer-count", "2")
+    assert code == 0, out.err
+    # Answers seen as the (normalised) multiple-choice answer at least twice: "2" and "yes".
+    label = json.loads((tmp_path / "out" / "ans2label.json").read_text())
+    assert label == {"2": 0, "yes": 1}
+    records = {
+        r.key: r for u in list_shards(str(tmp_path / "out")) for r in iter_task_shard(u, "vqa")
+    }
+    assert sorted(records) == ["42", "7"]
+    q1, q2 = records["42"].items
+    # q1: "yes" x4 (with "Yes.") -> 1.0, "two" x5 -> "2" -> 1.0; "no" is outside the vocabulary.
+    assert q1["answers"] == [[0, 1.0], [1, 1.0]] and q2["answers"] == [[0, 0.9]]
+    assert records["7"].items[0]["answers"] == [[1, 0.3]]
+    assert records["42"].meta["num_classes"] == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["totals"]["skipped_images"] == {"no_features": 1}
+    assert manifest["totals"]["left_out_captions"] == {"decode": 1, "unknown_question": 1}
+    # The test split: no annotations; the training vocabulary is required, and used.
+    code, out = _run(capsys, *base, "--out", str(tmp_path / "test"))
+    assert code == 1 and "pass --answers" in out.err
+    test_args = [*base, "--answers", str(tmp_path / "out" / "ans2label.json")]
+    code, out = _run(capsys, *test_args, "--out", str(tmp_path / "test"), "--overwrite")
+    assert code == 0, out.err
+    (url,) = list_shards(str(tmp_path / "test"))
+    assert all("answers" not in item for r in iter_task_shard(url, "vqa") for item in r.items)

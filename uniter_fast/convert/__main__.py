@@ -6,6 +6,8 @@
         --out DIR
     python -m uniter_fast.convert npz-captions --npz-dir DIR --captions JSON --vocab vocab.txt \\
         --out DIR
+    python -m uniter_fast.convert vqa-json --questions JSON [--annotations JSON] --npz-dir DIR \\
+        --vocab vocab.txt --out DIR
     python -m uniter_fast.convert ve-jsonl --jsonl FILE --npz-dir DIR --vocab vocab.txt --out DIR
     python -m uniter_fast.convert nlvr2-jsonl --jsonl FILE --npz-dir DIR --vocab vocab.txt --out DIR
     python -m uniter_fast.convert verify DIR_OR_PATTERN [--manifest PATH] [--deep]
@@ -230,6 +232,35 @@ def build_parser() -> argparse.ArgumentParser:
         _add_output_args(p)
 
     p = sub.add_parser(
+        "vqa-json",
+        help="VQA v2 questions (+ annotations) JSON + per-image .npz -> vqa task shards",
+        description=_wrap(
+            "Convert VQA v2's questions and annotations JSON with per-image .npz features into "
+            "vqa task shards (one sample per image, holding its questions); answers normalised "
+            "as the VQA evaluation does, soft scores min(1, 0.3 x count); see "
+            "uniter_fast/convert/vqa.py."
+        ),
+        epilog=_wrap(
+            "The answer vocabulary (--answers, or built from the annotations) is written to "
+            "DIR/ans2label.json. Resumable and atomic; bad entries skipped and counted."
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("--questions", type=Path, required=True, help="the questions JSON")
+    p.add_argument("--annotations", type=Path, help="the annotations JSON (not for test)")
+    p.add_argument("--answers", type=Path, help="ans2label.json to use (else built)")
+    p.add_argument(
+        "--min-answer-count",
+        type=_positive_int,
+        default=9,
+        help="a built vocabulary keeps answers seen this often (9)",
+    )
+    p.add_argument("--npz-dir", type=Path, required=True, help="directory of per-image .npz")
+    p.add_argument("--vocab", type=Path, required=True, help="WordPiece vocab.txt")
+    p.add_argument("--lowercase", action="store_true", help="uncased vocabularies")
+    _add_output_args(p)
+
+    p = sub.add_parser(
         "verify",
         help="check a shard set (decode, schema, unique keys, manifest checksums)",
         description=_wrap(
@@ -252,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _source(args: argparse.Namespace, dataset: str, policy: RegionPolicy):
+    if args.command == "vqa-json":
+        from .vqa import VqaJsonSource
+
+        return VqaJsonSource(
+            args.questions,
+            args.npz_dir,
+            args.vocab,
+            args.out,
+            annotations=args.annotations,
+            answers=args.answers,
+            min_answer_count=args.min_answer_count,
+            dataset=dataset,
+            lowercase=args.lowercase,
+            policy=policy,
+        )
     if args.command in ("ve-jsonl", "nlvr2-jsonl"):
         from .tasks import TaskJsonlSource
 
