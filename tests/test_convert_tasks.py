@@ -44,7 +44,7 @@ def _common(tmp_path, kind, jsonl):
 
 def test_ve_jsonl(tmp_path, rng, capsys):
     (tmp_path / "npz").mkdir()
-    images = {name: make_image(rng, int(rng.integers(12, 40)), 15) for name in ("111", "222")}
+    images = {name: make_image(rng, int(rng.integers(16, 40)), 15) for name in ("111", "222")}
     for name, img in images.items():
         _npz(tmp_path / "npz" / f"{name}.npz", img)
     lines = [
@@ -226,3 +226,44 @@ def test_vqa_json(tmp_path, rng, capsys):
     assert code == 0, out.err
     (url,) = list_shards(str(tmp_path / "test"))
     assert all("answers" not in item for r in iter_task_shard(url, "vqa") for item in r.items)
+
+
+def test_task_lmdb(tmp_path, rng, capsys):
+    from test_convert import npz_bytes, text_value, write_lmdb
+
+    meta = {"bert": "bert-base-cased", "UNK": 100, "CLS": 101, "SEP": 102, "MASK": 103}
+    images = {
+        f"nlvr2_dev-1-{p}-img{s}.npz": make_image(rng, 14, 11) for p in (0, 1) for s in (0, 1)
+    }
+    write_lmdb(tmp_path / "img_db", {k.encode(): npz_bytes(**v) for k, v in images.items()})
+    examples = {
+        "dev-1-0-0": {"input_ids": [1005, 1006], "target": 1,
+                      "img_fname": ["nlvr2_dev-1-0-img0.npz", "nlvr2_dev-1-0-img1.npz"]},
+        "dev-1-0-1": {"input_ids": [1007], "target": 0,
+                      "img_fname": ["nlvr2_dev-1-0-img0.npz", "nlvr2_dev-1-0-img1.npz"]},
+        "dev-1-1-0": {"input_ids": [1008], "target": None,  # a test-split example
+                      "img_fname": ["nlvr2_dev-1-1-img0.npz", "nlvr2_dev-1-1-img1.npz"]},
+        "dev-1-2-0": {"input_ids": [1009], "target": 1,  # images not in the DB
+                      "img_fname": ["nlvr2_dev-1-2-img0.npz", "nlvr2_dev-1-2-img1.npz"]},
+        "dev-1-3-0": {"input_ids": [1009], "target": 5,
+                      "img_fname": ["nlvr2_dev-1-0-img0.npz", "nlvr2_dev-1-0-img1.npz"]},
+    }  # fmt: skip
+    values = {k.encode(): text_value(v) for k, v in examples.items()}
+    values[b"dev-9-9-9"] = b"not lz4"
+    write_lmdb(tmp_path / "txt_db", values)
+    (tmp_path / "txt_db" / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    code, io = _run(
+        capsys,
+        "task-lmdb", "--task", "nlvr2", "--img-db", str(tmp_path / "img_db"),
+        "--txt-db", str(tmp_path / "txt_db"), "--out", str(out), "--no-progress",
+        "--max-bad-fraction", "0.9",
+    )  # fmt: skip
+    assert code == 0, io.err
+    records = {r.key: r for u in list_shards(str(out)) for r in iter_task_shard(u, "nlvr2")}
+    assert sorted(records) == ["nlvr2_dev-1-0", "nlvr2_dev-1-1"]
+    assert [i.get("target") for i in records["nlvr2_dev-1-0"].items] == [True, False]
+    assert "target" not in records["nlvr2_dev-1-1"].items[0]
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    assert totals["skipped_images"] == {"no_features": 1}
+    assert totals["left_out_captions"] == {"decode": 1, "label": 1}

@@ -6,6 +6,8 @@
         --out DIR
     python -m uniter_fast.convert npz-captions --npz-dir DIR --captions JSON --vocab vocab.txt \\
         --out DIR
+    python -m uniter_fast.convert task-lmdb --task vqa|ve|nlvr2 --img-db IMG_DB --txt-db TXT_DB \\
+        --out DIR
     python -m uniter_fast.convert vqa-json --questions JSON [--annotations JSON] --npz-dir DIR \\
         --vocab vocab.txt --out DIR
     python -m uniter_fast.convert ve-jsonl --jsonl FILE --npz-dir DIR --vocab vocab.txt --out DIR
@@ -232,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
         _add_output_args(p)
 
     p = sub.add_parser(
+        "task-lmdb",
+        help="the reference's txt_db + img_db of VQA, SNLI-VE or NLVR2 -> task shards",
+        description=_wrap(
+            "Convert a downstream task's databases in the reference's formats (the text DB's "
+            "input_ids, img_fname and target; the image DB's .npz or msgpack features) into task "
+            "shards, one sample per image (NLVR2: image pair) holding every example about it; "
+            "see uniter_fast/convert/tasks.py."
+        ),
+        epilog=_wrap("Resumable and atomic; bad entries skipped and counted by reason."),
+        formatter_class=fmt,
+    )
+    p.add_argument("--task", required=True, choices=("vqa", "ve", "nlvr2"))
+    p.add_argument("--img-db", type=Path, required=True, help="image DB (LMDB directory)")
+    p.add_argument("--txt-db", type=Path, required=True, help="text DB (LMDB + meta.json)")
+    p.add_argument("--num-answers", type=_positive_int, default=3129, help="VQA answers (3129)")
+    _add_output_args(p)
+
+    p = sub.add_parser(
         "vqa-json",
         help="VQA v2 questions (+ annotations) JSON + per-image .npz -> vqa task shards",
         description=_wrap(
@@ -283,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _source(args: argparse.Namespace, dataset: str, policy: RegionPolicy):
+    if args.command == "task-lmdb":
+        from .tasks import TaskLmdbSource
+
+        return TaskLmdbSource(
+            args.task,
+            args.img_db,
+            args.txt_db,
+            num_answers=args.num_answers,
+            dataset=dataset,
+            policy=policy,
+        )
     if args.command == "vqa-json":
         from .vqa import VqaJsonSource
 

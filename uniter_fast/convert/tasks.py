@@ -215,3 +215,203 @@ class TaskJsonlSource(Source):
 
 
 __all__ = ["NLVR2_LABELS", "VE_LABELS", "TaskJsonlSource"]
+
+
+# --------------------------------------------------------------------------------------------
+# The reference's own databases
+
+
+class TaskLmdbSource(Source):
+    """The reference's txt_db + img_db of a downstream task -> task shards.
+
+        python -m uniter_fast.convert task-lmdb --task vqa --img-db img_db/coco_val2014 \\
+            --txt-db txt_db/vqa_devval.db --out shards/vqa/devval
+
+    Text DB values (lz4 msgpack, as for pretraining; `meta.json` checked): `input_ids`,
+    `img_fname` (NLVR2: a pair, left then right) and the target: VQA and VE `target` =
+    `{"labels": [...], "scores": [...]}` (VE: one label, score 1, of contradiction 0, entailment
+    1, neutral 2; the reference's VE shares VQA's data code), NLVR2 `target` 0/1. A missing or
+    null target is a test split. Examples are grouped by image (NLVR2: by image pair); image DB
+    values are decoded as for pretraining (.npz or msgpack, no pickle).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        img_db: str | Path,
+        txt_db: str | Path,
+        *,
+        num_answers: int = 3129,
+        dataset: str = "",
+        policy: RegionPolicy | None = None,
+        vocab: Vocab = BERT_BASE_CASED,
+    ) -> None:
+        if task not in ("vqa", "ve", "nlvr2"):
+            raise ValueError(f"TaskLmdbSource takes vqa, ve or nlvr2, got {task!r}")
+        self.task, self.kind = task, f"{task}-lmdb"
+        self.img_db, self.txt_db = Path(img_db), Path(txt_db)
+        self.num_answers = num_answers if task == "vqa" else 3
+        self.dataset = dataset
+        self.policy = policy or RegionPolicy()
+        self.vocab = vocab
+        self._envs: list = []
+
+    def identity(self) -> dict:
+        files = [self.img_db / "data.mdb", self.txt_db / "data.mdb", self.txt_db / "meta.json"]
+        return {
+            "kind": self.kind,
+            "arguments": {
+                "img_db": str(self.img_db.resolve()),
+                "txt_db": str(self.txt_db.resolve()),
+                "num_answers": self.num_answers,
+            },
+            "inputs": [input_fingerprint(p) for p in files if p.exists()],
+        }
+
+    def open(self) -> None:
+        from .common import require_extra
+        from .lmdb import _decode_text, _read_json, check_txt_meta
+
+        lmdb = require_extra("lmdb")
+        require_extra("lz4.frame")
+        require_extra("msgpack")
+        for db in (self.img_db, self.txt_db):
+            if not (db / "data.mdb").is_file():
+                raise ConvertError(f"{db}: not an LMDB directory (no data.mdb)")
+        meta = self.txt_db / "meta.json"
+        if not meta.is_file():
+            raise ConvertError(f"{meta} is missing: the text DB's vocabulary cannot be checked")
+        self._vocab_info = check_txt_meta(_read_json(meta), self.vocab, str(meta))
+        envs = [
+            lmdb.open(str(p), readonly=True, lock=False, readahead=False, subdir=True)
+            for p in (self.img_db, self.txt_db)
+        ]
+        self._envs = envs
+        self._img_txn = envs[0].begin(buffers=False)
+        self.bad_lines: list[tuple[str, str, str]] = []
+        self.groups: dict[str, list[dict]] = {}
+        with envs[1].begin(buffers=False) as txn, txn.cursor() as cur:
+            for key, value in cur:
+                ident = bytes(key).decode("utf-8", errors="replace")
+                try:
+                    example = _decode_text(value)
+                except SkipRecord as e:
+                    self.bad_lines.append((e.reason, ident, e.detail))
+                    continue
+                parsed = self._parse(ident, example)
+                if isinstance(parsed, tuple):
+                    self.bad_lines.append(parsed)
+                else:
+                    self.groups.setdefault(parsed["group"], []).append(parsed)
+        self.keys = sorted(self.groups)
+
+    def _parse(self, ident: str, ex: Any) -> dict | tuple[str, str, str]:
+        if not isinstance(ex, dict):
+            return ("decode", ident, "is not a map")
+        ids = ex.get("input_ids")
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else ids
+        img = ex.get("img_fname")
+        images = list(img) if self.task == "nlvr2" and isinstance(img, (list, tuple)) else [img]
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in images):
+            return ("decode", ident, "lacks input_ids or img_fname")
+        if self.task == "nlvr2" and len(images) != 2:
+            return ("decode", ident, f"img_fname holds {len(images)} images, NLVR2 needs 2")
+        if not ids:
+            return ("empty_caption", ident, "has no input_ids")
+        ids = [int(t) for t in ids]
+        if min(ids) < 0 or max(ids) >= self.vocab.size:
+            return ("token_id", ident, f"an id outside [0, {self.vocab.size})")
+        item: dict[str, Any] = {"id": ident, "input_ids": ids}
+        target = ex.get("target")
+        if target is not None:
+            try:
+                item.update(self._target(target))
+            except (TypeError, ValueError, KeyError) as e:
+                return ("label", ident, f"target {str(target)[:80]} ({e})")
+        return {"group": "|".join(images), "images": images, "item": item}
+
+    def _target(self, target: Any) -> dict:
+        if self.task == "nlvr2":
+            value = int(target)
+            if value not in (0, 1):
+                raise ValueError("not 0 or 1")
+            return {"target": bool(value)}
+        labels = [int(x) for x in target["labels"]]
+        scores = [float(x) for x in target["scores"]]
+        if len(labels) != len(scores) or any(not 0 <= x < self.num_answers for x in labels):
+            raise ValueError(f"labels outside [0, {self.num_answers}) or unpaired scores")
+        if self.task == "ve":
+            if len(labels) != 1:
+                raise ValueError("VE takes one label")
+            return {"label": labels[0]}
+        return {"answers": [[x, s] for x, s in zip(labels, scores, strict=True)]}
+
+    def total(self) -> int:
+        return len(self.keys)
+
+    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
+        start = 0 if cursor is None else int(cursor)
+        for i in range(start, len(self.keys)):
+            key = self.keys[i]
+            unit = Unit(key=key, cursor=i + 1)
+            try:
+                self._fill(unit, self.groups[key])
+            except SkipRecord as e:
+                unit.record = None
+                unit.skip, unit.source_field, unit.detail = e.reason, e.field, e.detail
+            yield unit
+
+    def _fill(self, unit: Unit, lines: list[dict]) -> None:
+        from .common import loc_from_norm_bb
+        from .lmdb import _decode_image
+
+        unit.captions_seen = len(lines)
+        images = []
+        for name in lines[0]["images"]:
+            value = self._img_txn.get(name.encode("utf-8"))
+            if value is None:
+                raise SkipRecord("no_features", None, f"{name} is not in the image DB")
+            arrays = _decode_image(value)
+            if "features" not in arrays or "norm_bb" not in arrays:
+                raise SkipRecord(
+                    "missing_field", "features", f"{name}: features or norm_bb missing"
+                )
+            features, soft, conf = arrays["features"], arrays.get("soft_labels"), arrays.get("conf")
+            n = features.shape[0] if isinstance(features, np.ndarray) and features.ndim == 2 else 0
+            if soft is None:
+                from .common import uniform_soft_labels
+
+                soft = uniform_soft_labels(n)
+            feat, loc, _ = select_regions(
+                features=features,
+                loc=loc_from_norm_bb(arrays["norm_bb"]),
+                conf=conf,
+                soft=soft,
+                policy=self.policy,
+            )
+            images.append((feat, loc))
+        meta = {"dataset": self.dataset, "images": lines[0]["images"]}
+        if self.task == "vqa":
+            meta["num_classes"] = self.num_answers
+        names = [sample_key(n) for n in lines[0]["images"]]
+        key = names[0]
+        if self.task == "nlvr2":  # nlvr2_dev-850-0-img0 + -img1 -> nlvr2_dev-850-0
+            pair = names[0].removesuffix("-img0")
+            key = pair if names == [pair + "-img0", pair + "-img1"] else "+".join(names)
+        unit.record = TaskRecord(key, self.task, images, [line["item"] for line in lines], meta)
+
+    def final_counts(self, stats: Stats) -> None:
+        for reason, line, detail in self.bad_lines:
+            stats.captions_seen += 1
+            stats.leave_out(reason, f"text DB {line}", detail)
+
+    def describe(self) -> dict:
+        return {"vocab": self._vocab_info, "soft_labels": "not stored (task shards)"}
+
+    def close(self) -> None:
+        for env in self._envs:
+            env.close()
+        self._envs = []
+
+
+__all__ += ["TaskLmdbSource"]
