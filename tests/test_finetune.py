@@ -213,6 +213,27 @@ def test_train_task_writes_the_summary(task, tmp_path):
     if task == "vqa":
         rows = json.loads((ev / "predictions.json").read_text())
         assert len(rows) == metrics["examples"] and set(rows[0]) == {"question_id", "answer"}
+        # On two ranks (torchrun, gloo): the batches dealt out, the results gathered, the same
+        # figure and predictions.
+        ev2 = tmp_path / "eval2"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--standalone", "-m", "uniter_fast.evaluate", *argv]
+        proc = subprocess.run(
+            [*cmd, "--output", str(ev2), "--tokens-per-batch", "512"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        two = json.loads((ev2 / "metrics.json").read_text())
+        assert two["examples"] == metrics["examples"]
+        assert two[summary["metric"]] == pytest.approx(metrics[summary["metric"]], abs=1e-6)
+        by_id = {r["question_id"]: r["answer"] for r in rows}
+        assert {
+            r["question_id"]: r["answer"]
+            for r in json.loads((ev2 / "predictions.json").read_text())
+        } == by_id
     else:
         lines = (ev / "predictions.csv").read_text().splitlines()
         assert len(lines) == metrics["examples"] and lines[0].split(",")[1] in ("True", "False")

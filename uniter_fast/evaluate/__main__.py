@@ -158,6 +158,8 @@ def evaluate(args) -> dict:
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, (ids, rows, losses, bad.state_dict()))
+    if launched:
+        dist.destroy_process_group()
     if rank != 0:
         return {}
     all_ids = [i for g in gathered for i in g[0]]
