@@ -15,15 +15,16 @@
 #
 #   phase        box   what
 #   setup         45s  wheels, the C++ extension, nvidia-smi, versions
-#   tests        100s  the GPU tests: compiled kernels against references, no host sync in the
+#   tests         90s  the GPU tests: compiled kernels against references, no host sync in the
 #                      step, attention backends agreeing, the pinned hand-over, the captured
 #                      step against the eager one
-#   kernels       60s  bench_ipot.py and bench_masked_losses.py at their target cases
-#   sweep         45s  warps / block sizes of the IPOT and cross-entropy kernels, 132 vs 133 pairs
+#   kernels       55s  bench_ipot.py and bench_masked_losses.py at their target cases
+#   sweep         35s  warps / block sizes of the IPOT and cross-entropy kernels, 132 vs 133 pairs
 #   e2e-base      50s  bench_e2e.py, base, every provider (fast_graphs: static shapes, CUDA graphs)
 #   e2e-large     50s  the same for large
-#   budget        40s  tokens/s of `fast` base at three token budgets
-#   convergence   90s  200 steps of base, fast paths in bf16 against reference paths in fp32
+#   budget        35s  tokens/s of `fast` base at three token budgets
+#   convergence   85s  200 steps of base, fast paths in bf16 against reference paths in fp32
+#   finetune      35s  bench_finetune.py, base: VQA and NLVR2 steps and evaluation, ours vs authors
 set -uo pipefail
 
 out=${1:?usage: gpu_suite.sh OUT_DIR [--dry-run]}
@@ -107,22 +108,25 @@ if ((dry)); then
   phase budget 120 $py benchmarks/bench_e2e.py "${dev[@]}" --quick --models tiny \
     --providers fast --tokens-per-batch 512 --out "$out/budget-512.json"
   phase convergence 240 $py benchmarks/convergence.py "${dev[@]}" --quick --out "$out"
+  phase finetune 120 $py benchmarks/bench_finetune.py "${dev[@]}" --quick --models tiny --out "$out"
 else
   phase setup 45 bash -c "py=$py; $(declare -f setup); setup"
-  phase tests 100 $py -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+  phase tests 90 $py -m pytest -q -p no:cacheprovider "${xdist[@]}" \
     --junitxml="$out/gpu-tests.xml" tests/test_kernels_ipot.py tests/test_kernels_losses.py \
     tests/test_step.py tests/test_static.py tests/test_attention.py tests/test_handover.py \
     tests/test_pipeline.py -m "gpu or not slow"
-  phase kernels 60 bash -c "$py benchmarks/bench_ipot.py --batch-sizes 256 --hidden-sizes 1024 --out '$out' && \
+  phase kernels 55 bash -c "$py benchmarks/bench_ipot.py --batch-sizes 256 --hidden-sizes 1024 --out '$out' && \
     $py benchmarks/bench_masked_losses.py --out '$out'"
-  phase sweep 45 $py benchmarks/sweep_kernels.py --out "$out"
+  phase sweep 35 $py benchmarks/sweep_kernels.py --out "$out"
   phase e2e-base 50 $py benchmarks/bench_e2e.py --models base --steps 5 --warmup 2 --out "$out"
   phase e2e-large 50 $py benchmarks/bench_e2e.py --models large --steps 5 --warmup 2 --out "$out"
-  phase budget 40 bash -c "for t in 4096 8192 16384; do $py benchmarks/bench_e2e.py \
+  phase budget 35 bash -c "for t in 4096 8192 16384; do $py benchmarks/bench_e2e.py \
     --models base --providers fast --tokens-per-batch \$t --steps 5 --warmup 2 \
     --out '$out/budget-'\$t'.json' || exit 1; done"
-  phase convergence 90 $py benchmarks/convergence.py --steps 200 --tokens-per-batch 2048 \
+  phase convergence 85 $py benchmarks/convergence.py --steps 200 --tokens-per-batch 2048 \
     --out "$out" --work "$out/convergence-runs"
   rm -rf "$out/convergence-runs/"*/run/checkpoints
+  phase finetune 35 $py benchmarks/bench_finetune.py --models base --steps 3 --warmup 1 \
+    --batches 2 --out "$out"
 fi
 $py benchmarks/gpu_summary.py "$out" && cat "$out/SUMMARY.md"

@@ -183,6 +183,31 @@ def e2e_rows(results, budget_results) -> list[dict]:
     return rows or [_row("end to end", "missing", None)]
 
 
+def finetune_rows(results) -> list[dict]:
+    rows = []
+    for _, data in results:
+        for name, entry in data.get("results", {}).items():
+            up = entry.get("speedup_over_authors", {})
+            train, ev = up.get("train_examples_per_s"), up.get("eval_examples_per_s")
+            if train is not None:
+                rows.append(
+                    _row(
+                        f"{name}: fine-tuning examples/s, fast over authors (predicted 2-3x)",
+                        f"{train:.2f}x",
+                        train >= 1,
+                    )
+                )
+            if ev is not None:
+                rows.append(
+                    _row(
+                        f"{name}: evaluation examples/s, fast over authors (predicted 1.8-2.5x)",
+                        f"{ev:.2f}x",
+                        ev >= 1,
+                    )
+                )
+    return rows or [_row("fine-tuning", "missing", None)]
+
+
 def convergence_rows(results) -> list[dict]:
     rows = []
     for _, data in results:
@@ -274,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         + sweep_rows(found.get("sweep_kernels", []))
         + e2e_rows(e2e, budget)
         + convergence_rows(found.get("convergence", []))
+        + finetune_rows(found.get("finetune", []))
     )
     plots = draw_plots(folder, found)
     env = next((d["environment"] for ds in found.values() for _, d in ds if "environment" in d), {})

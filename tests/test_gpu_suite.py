@@ -42,6 +42,7 @@ def test_dry_run_goes_through_every_phase(tmp_path):
         "e2e-large",
         "budget",
         "convergence",
+        "finetune",
     ]
     failed = {
         name: (out / f"{name}.log").read_text()[-2000:]
@@ -50,9 +51,18 @@ def test_dry_run_goes_through_every_phase(tmp_path):
     }
     assert not failed, failed
     names = {p.name for p in out.iterdir()}
-    for prefix in ("ipot-", "masked_losses-", "sweep-", "e2e-", "budget-512", "convergence-"):
+    for prefix in (
+        "ipot-",
+        "masked_losses-",
+        "sweep-",
+        "e2e-",
+        "budget-512",
+        "convergence-",
+        "finetune-",
+    ):
         assert any(n.startswith(prefix) and n.endswith(".json") for n in names), prefix
     summary = (out / "SUMMARY.md").read_text()
     assert "| phase convergence within 240 s | ok" in summary
     assert "convergence: every task's loss within 1%" in summary
     assert "IPOT tiny: launcher's choice vs best variant" in summary
+    assert "vqa/tiny: fine-tuning examples/s, fast over authors" in summary
