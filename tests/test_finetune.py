@@ -275,3 +275,54 @@ def test_task_and_config_must_agree(tmp_path):
         tmp_path, "--config", "configs/finetune/vqa-base.yaml", "--output-dir", str(tmp_path / "r")
     )
     assert proc.returncode == 2 and "init_checkpoint for you to set" in proc.stderr
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_streaming_loader_resumes_and_splits_ranks(shards, tmp_path):
+    from uniter_fast.tasks.finetune import StreamingFinetuneLoader
+
+    for i in range(shards):
+        write_task_data(tmp_path / f"s{i}", "vqa", 30 // shards, seed=i)
+    urls = [str(tmp_path / f"s{i}") for i in range(shards)]
+    kw = dict(collate_task="vqa", tokens_per_batch=400, seed=3, num_classes=8, buffer=16)
+    first = StreamingFinetuneLoader(urls, "vqa", **kw)
+    # Endless: more batches than one pass holds, each within the budget (or one example).
+    batches = [next(first)[1] for _ in range(40)]
+    assert all(b.num_tokens <= 400 or b.num_pairs == 1 for b in batches)
+    state = first.state_dict()
+    after = [next(first)[1] for _ in range(3)]
+    again = StreamingFinetuneLoader(urls, "vqa", state=state, **kw)
+    for a, b in zip(after, [next(again)[1] for _ in range(3)], strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+    # Two ranks read disjoint examples (by shard, or by id hash when shards are few), and
+    # between them all of them.
+    ranks = [StreamingFinetuneLoader(urls, "vqa", rank=r, world_size=2, **kw) for r in (0, 1)]
+    total = sum(
+        len(r.items) for u in urls for url in list_shards(u) for r in iter_task_shard(url, "vqa")
+    )
+    ids = []
+    for r in ranks:
+        stream = r._examples()
+        ids.append({next(stream)["id"] for _ in range(total)})
+    assert not ids[0] & ids[1]
+    every = {
+        item["id"]
+        for u in urls
+        for url in list_shards(u)
+        for record in iter_task_shard(url, "vqa")
+        for item in record.items
+    }
+    assert ids[0] | ids[1] == every
+    every = {
+        item["id"]
+        for u in urls
+        for url in list_shards(u)
+        for record in iter_task_shard(url, "vqa")
+        for item in record.items
+    }
+    assert ids[0] | ids[1] == every
+
+
+def test_recipes_choose_the_loader():
+    assert RunConfig.from_file("configs/finetune/vqa-tiny-cpu.yaml").data.mode == "exact"
+    assert RunConfig.from_file("configs/finetune/vqa-base.yaml").data.mode == "resampled"

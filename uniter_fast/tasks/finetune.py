@@ -209,6 +209,113 @@ class FinetuneLoader:
         self.examples = []
 
 
+class StreamingFinetuneLoader:
+    """Endless (task, batch) of one downstream task for one rank, streamed from its shards.
+
+    For splits too large to hold in memory (VQA's features): each rank reads its own shards
+    (`urls[rank::world]`; with fewer shards than ranks, every rank reads all of them and keeps
+    the examples whose id hashes to it), in a fresh seeded order every pass, through a shuffle
+    buffer of `buffer` examples, and fills token-budget batches as `FinetuneLoader` does. The
+    stream never ends, so every rank always has a next batch (the ranks' passes need not line
+    up). Memory: the buffer's examples and the records they point into.
+
+    State: the batches yielded so far. A resumed loader replays its stream deterministically to
+    that point without collating (reading the shards again up to there), so it continues with
+    the very batches the uninterrupted one would have seen.
+    """
+
+    def __init__(
+        self,
+        patterns: Sequence[str],
+        task: str,
+        *,
+        collate_task: str,
+        tokens_per_batch: int,
+        seed: int,
+        num_classes: int | None = None,
+        max_txt_len: int | None = 60,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer: int = 2000,
+        pin_memory: bool = False,
+        state: dict | None = None,
+    ):
+        import zlib
+
+        self.task, self.collate_task = task, collate_task
+        self.tokens_per_batch, self.seed = tokens_per_batch, seed
+        self.num_classes, self.max_txt_len = num_classes, max_txt_len
+        self.rank, self.world, self.buffer, self.pin = rank, world_size, buffer, pin_memory
+        self.bad = BadSamples()
+        urls = list_shards(patterns)
+        if len(urls) >= world_size:
+            self.urls, self._mine = urls[rank::world_size], None
+        else:
+            self.urls = urls
+            self._mine = lambda ex: zlib.crc32(ex["id"].encode()) % world_size == rank
+        self.done = 0
+        self._batches = self._stream_batches()
+        skip = int(state["batches"]) if state else 0
+        for _ in range(skip):
+            next(self._batches)
+        self.done = skip
+
+    def _examples(self) -> Iterator[dict]:
+        npass = 0
+        while True:
+            rng = np.random.default_rng([self.seed, self.rank, npass])
+            pool: list[dict] = []
+            seen = 0
+            for i in rng.permutation(len(self.urls)):
+                for record in iter_task_shard(
+                    self.urls[i], self.task, num_classes=self.num_classes, on_bad=self.bad.add_bad
+                ):
+                    self.bad.add_good(record.shard)
+                    for ex in examples_of(record, self.num_classes, max_txt_len=self.max_txt_len)[
+                        0
+                    ]:
+                        if self._mine is not None and not self._mine(ex):
+                            continue
+                        seen += 1
+                        pool.append(ex)
+                        if len(pool) >= self.buffer:
+                            yield pool.pop(int(rng.integers(len(pool))))
+            rng.shuffle(pool)
+            yield from pool
+            if not seen:
+                raise ValueError(f"{self.task}: no training examples for rank {self.rank}")
+            npass += 1
+
+    def _stream_batches(self) -> Iterator[list[dict]]:
+        current, used = [], 0
+        for ex in self._examples():
+            n = example_tokens(ex, self.collate_task)
+            if current and used + n > self.tokens_per_batch:
+                yield current
+                current, used = [], 0
+            current.append(ex)
+            used += n
+
+    def __iter__(self) -> Iterator[tuple[str, object]]:
+        return self
+
+    def __next__(self) -> tuple[str, object]:
+        chosen = next(self._batches)
+        self.done += 1
+        batch = collate(chosen, task=self.collate_task)
+        return self.task, batch.pin_memory() if self.pin else batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self.done}
+
+    def close(self) -> None:
+        self._batches.close()
+
+    @property
+    def examples(self) -> list:
+        return []  # nothing held: the trainer's log line says so
+
+
 @torch.no_grad()
 def evaluate_finetune(
     forward: Callable[[object], dict],
@@ -253,6 +360,7 @@ def evaluate_finetune(
 __all__ = [
     "COLLATE_TASK",
     "FinetuneLoader",
+    "StreamingFinetuneLoader",
     "evaluate_finetune",
     "example_tokens",
     "examples_of",

@@ -101,9 +101,12 @@ class FinetuneTask:
             )
 
     def loader(self, urls, cfg, *, rank: int, world: int, pin_memory: bool, state: dict | None):
-        from ..tasks.finetune import FinetuneLoader
+        """`data.mode` "exact": every example once per epoch, the split held in memory;
+        "resampled": streamed from the shards through a shuffle buffer (large splits)."""
+        from ..tasks.finetune import FinetuneLoader, StreamingFinetuneLoader
 
-        return FinetuneLoader(
+        kind = StreamingFinetuneLoader if cfg.data.mode == "resampled" else FinetuneLoader
+        return kind(
             urls,
             self.name,
             collate_task=self.collate_task(cfg),

@@ -789,10 +789,12 @@ def _train(run: Run, rank: int, world: int) -> dict:
             cfg.data.tokens_per_batch,
         )
     else:
+        held = len(batches.examples)
         log.info(
-            "data: %d %s training examples on this rank's share, %d real tokens per batch",
-            len(batches.examples) // world,
-            cfg.task,
+            "data: %s, %d real tokens per batch",
+            f"{held} {cfg.task} training examples held (exact mode)"
+            if held
+            else f"{cfg.task} examples streamed from the shards (resampled mode)",
             cfg.data.tokens_per_batch,
         )
 
