@@ -48,7 +48,9 @@ from .common import (
     read_npz,
     require_extra,
     sample_key,
+    select_regions,
     uniform_soft_labels,
+    units_in_order,
 )
 
 __all__ = ["CaptionImage", "CocoCaptions", "NpzCaptionsSource", "WordPiece"]
@@ -274,6 +276,34 @@ def regions_from_arrays(
     return features, loc, conf, soft, conf_source
 
 
+def task_regions(
+    arrays: dict[str, Any], policy: RegionPolicy, where: str
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(float16 features, float32 boxes, confidence source) of the kept regions of one image's
+    decoded arrays, for
+    the task shards (which store no soft labels: missing ones are no reason to skip). Raises
+    SkipRecord naming `where` (the image's file or key) for bad input."""
+    try:
+        features, loc, conf, soft, conf_source = regions_from_arrays(
+            arrays, width=None, height=None, missing_soft_labels="uniform"
+        )
+        feat, loc, _ = select_regions(
+            features=features, loc=loc, conf=conf, soft=soft, policy=policy
+        )
+    except SkipRecord as e:
+        raise SkipRecord(e.reason, e.field, f"{where}: {e.detail}") from None
+    return feat, loc, conf_source
+
+
+def read_task_npz(path: Path, policy: RegionPolicy) -> tuple[np.ndarray, np.ndarray, str]:
+    """`task_regions` of a per-image .npz."""
+    try:
+        arrays = read_npz(path, _NPZ_FIELDS)
+    except SkipRecord as e:
+        raise SkipRecord(e.reason, e.field, f"{path.name}: {e.detail}") from None
+    return task_regions(arrays, policy, path.name)
+
+
 def _num_rows(array: Any) -> int:
     return int(array.shape[0]) if isinstance(array, np.ndarray) and array.ndim >= 1 else 0
 
@@ -358,16 +388,7 @@ class NpzCaptionsSource(Source):
         return next((c for c in candidates if c in self._npz_set), None)
 
     def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        start = 0 if cursor is None else int(cursor)
-        for i in range(start, len(self.coco.images)):
-            image = self.coco.images[i]
-            unit = Unit(key=image.image_id, cursor=i + 1)
-            try:
-                self._fill(unit, image)
-            except SkipRecord as e:
-                unit.record = None
-                unit.skip, unit.source_field, unit.detail = e.reason, e.field, e.detail
-            yield unit
+        return units_in_order(cursor, self.coco.images, lambda im: im.image_id, self._fill)
 
     def _fill(self, unit: Unit, image: CaptionImage) -> None:
         if not image.captions:

@@ -27,7 +27,7 @@ import sys
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -478,6 +478,23 @@ class Unit:
     captions_seen: int = 0
     conf_source: str | None = None
     mark: int | None = None
+
+
+def units_in_order(
+    cursor: Any, items: list, key: Callable[[Any], str], fill: Callable[[Unit, Any], None]
+) -> Iterator[Unit]:
+    """The units of a source that lists its images (or groups) up front: one per item after
+    `cursor` (the index to resume at; None: from the start), each filled by `fill(unit, item)`,
+    or skipped with the reason of the `SkipRecord` it raised."""
+    for i in range(0 if cursor is None else int(cursor), len(items)):
+        item = items[i]
+        unit = Unit(key=key(item), cursor=i + 1)
+        try:
+            fill(unit, item)
+        except SkipRecord as e:
+            unit.record = None
+            unit.skip, unit.source_field, unit.detail = e.reason, e.field, e.detail
+        yield unit
 
 
 class Source:

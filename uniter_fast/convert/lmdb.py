@@ -45,7 +45,7 @@ from .common import (
     sample_key,
 )
 
-__all__ = ["LmdbSource", "check_txt_meta"]
+__all__ = ["LmdbSource", "check_txt_meta", "open_reference_dbs"]
 
 _IMG_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 
@@ -130,24 +130,9 @@ class LmdbSource(Source):
         }
 
     def open(self) -> None:
-        lmdb = require_extra("lmdb")
-        require_extra("lz4.frame")
-        require_extra("msgpack")
-        for db in (self.img_db, self.txt_db):
-            if not (db / "data.mdb").is_file():
-                raise ConvertError(f"{db}: not an LMDB directory (no data.mdb)")
-        meta_path = self.txt_db / "meta.json"
-        if not meta_path.is_file():
-            raise ConvertError(
-                f"{meta_path} is missing: without it the text DB's vocabulary cannot be checked"
-            )
-        self._vocab_info = check_txt_meta(_read_json(meta_path), self.vocab, str(meta_path))
-
-        def env(path: Path):
-            # lock=False: read-only use; the databases may sit on a read-only file system.
-            return lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
-
-        self._img_env, self._txt_env = env(self.img_db), env(self.txt_db)
+        self._vocab_info, self._img_env, self._txt_env = open_reference_dbs(
+            self.img_db, self.txt_db, self.vocab
+        )
         self._img_txn = self._img_env.begin(buffers=False)
         self._txt_txn = self._txt_env.begin(buffers=False)
         with self._img_txn.cursor() as cur:
@@ -285,6 +270,29 @@ class LmdbSource(Source):
             if env is not None:
                 env.close()
         self._img_env = self._txt_env = None
+
+
+def open_reference_dbs(img_db: Path, txt_db: Path, vocab: Vocab) -> tuple[dict, Any, Any]:
+    """Check and open the reference's image DB and text DB read-only: (the manifest's vocab
+    entry, from the text DB's meta.json checked against `vocab`; image env; text env)."""
+    lmdb = require_extra("lmdb")
+    require_extra("lz4.frame")
+    require_extra("msgpack")
+    for db in (img_db, txt_db):
+        if not (db / "data.mdb").is_file():
+            raise ConvertError(f"{db}: not an LMDB directory (no data.mdb)")
+    meta_path = txt_db / "meta.json"
+    if not meta_path.is_file():
+        raise ConvertError(
+            f"{meta_path} is missing: without it the text DB's vocabulary cannot be checked"
+        )
+    vocab_info = check_txt_meta(_read_json(meta_path), vocab, str(meta_path))
+
+    def env(path: Path):
+        # lock=False: read-only use; the databases may sit on a read-only file system.
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+
+    return vocab_info, env(img_db), env(txt_db)
 
 
 def _read_json(path: Path) -> Any:

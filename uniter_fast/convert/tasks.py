@@ -36,7 +36,7 @@ import numpy as np
 
 from ..data.schema import BERT_BASE_CASED, Vocab
 from ..data.task_shards import TaskRecord
-from .captions import WordPiece, regions_from_arrays
+from .captions import WordPiece, read_task_npz, task_regions
 from .common import (
     ConvertError,
     RegionPolicy,
@@ -45,14 +45,12 @@ from .common import (
     Stats,
     Unit,
     input_fingerprint,
-    read_npz,
     sample_key,
-    select_regions,
+    units_in_order,
 )
 
 VE_LABELS = {"contradiction": 0, "entailment": 1, "neutral": 2}
 NLVR2_LABELS = {"true": 1, "false": 0}
-_NPZ_FIELDS = ("features", "norm_bb", "boxes", "conf", "soft_labels", "image_w", "image_h")
 
 
 class TaskJsonlSource(Source):
@@ -156,34 +154,16 @@ class TaskJsonlSource(Source):
         return len(self.keys)
 
     def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        start = 0 if cursor is None else int(cursor)
-        for i in range(start, len(self.keys)):
-            key = self.keys[i]
-            unit = Unit(key=key, cursor=i + 1)
-            try:
-                self._fill(unit, key, self.groups[key])
-            except SkipRecord as e:
-                unit.record = None
-                unit.skip, unit.source_field, unit.detail = e.reason, e.field, e.detail
-            yield unit
+        return units_in_order(cursor, self.keys, str, self._fill)
 
     def _image(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         npz = f"{name}.npz"
         if npz not in self._npz:
             raise SkipRecord("no_features", None, f"has no {npz} in {self.npz_dir}")
-        try:
-            arrays = read_npz(self.npz_dir / npz, _NPZ_FIELDS)
-        except SkipRecord as e:
-            raise SkipRecord(e.reason, e.field, f"{npz}: {e.detail}") from None
-        features, loc, conf, soft, _ = regions_from_arrays(
-            arrays, width=None, height=None, missing_soft_labels="uniform"
-        )
-        feat, loc, _ = select_regions(
-            features=features, loc=loc, conf=conf, soft=soft, policy=self.policy
-        )
-        return feat, loc
+        return read_task_npz(self.npz_dir / npz, self.policy)[:2]
 
-    def _fill(self, unit: Unit, key: str, lines: list[dict]) -> None:
+    def _fill(self, unit: Unit, key: str) -> None:
+        lines = self.groups[key]
         unit.captions_seen = len(lines)
         names = [key] if self.task == "ve" else [f"{key}-img0", f"{key}-img1"]
         images = [self._image(name) for name in names]
@@ -269,28 +249,16 @@ class TaskLmdbSource(Source):
         }
 
     def open(self) -> None:
-        from .common import require_extra
-        from .lmdb import _decode_text, _read_json, check_txt_meta
+        from .lmdb import _decode_text, open_reference_dbs
 
-        lmdb = require_extra("lmdb")
-        require_extra("lz4.frame")
-        require_extra("msgpack")
-        for db in (self.img_db, self.txt_db):
-            if not (db / "data.mdb").is_file():
-                raise ConvertError(f"{db}: not an LMDB directory (no data.mdb)")
-        meta = self.txt_db / "meta.json"
-        if not meta.is_file():
-            raise ConvertError(f"{meta} is missing: the text DB's vocabulary cannot be checked")
-        self._vocab_info = check_txt_meta(_read_json(meta), self.vocab, str(meta))
-        envs = [
-            lmdb.open(str(p), readonly=True, lock=False, readahead=False, subdir=True)
-            for p in (self.img_db, self.txt_db)
-        ]
-        self._envs = envs
-        self._img_txn = envs[0].begin(buffers=False)
+        self._vocab_info, img_env, txt_env = open_reference_dbs(
+            self.img_db, self.txt_db, self.vocab
+        )
+        self._envs = [img_env, txt_env]
+        self._img_txn = img_env.begin(buffers=False)
         self.bad_lines: list[tuple[str, str, str]] = []
         self.groups: dict[str, list[dict]] = {}
-        with envs[1].begin(buffers=False) as txn, txn.cursor() as cur:
+        with txt_env.begin(buffers=False) as txn, txn.cursor() as cur:
             for key, value in cur:
                 ident = bytes(key).decode("utf-8", errors="replace")
                 try:
@@ -350,46 +318,19 @@ class TaskLmdbSource(Source):
         return len(self.keys)
 
     def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        start = 0 if cursor is None else int(cursor)
-        for i in range(start, len(self.keys)):
-            key = self.keys[i]
-            unit = Unit(key=key, cursor=i + 1)
-            try:
-                self._fill(unit, self.groups[key])
-            except SkipRecord as e:
-                unit.record = None
-                unit.skip, unit.source_field, unit.detail = e.reason, e.field, e.detail
-            yield unit
+        return units_in_order(cursor, self.keys, str, self._fill)
 
-    def _fill(self, unit: Unit, lines: list[dict]) -> None:
-        from .common import loc_from_norm_bb
+    def _fill(self, unit: Unit, key: str) -> None:
         from .lmdb import _decode_image
 
+        lines = self.groups[key]
         unit.captions_seen = len(lines)
         images = []
         for name in lines[0]["images"]:
             value = self._img_txn.get(name.encode("utf-8"))
             if value is None:
                 raise SkipRecord("no_features", None, f"{name} is not in the image DB")
-            arrays = _decode_image(value)
-            if "features" not in arrays or "norm_bb" not in arrays:
-                raise SkipRecord(
-                    "missing_field", "features", f"{name}: features or norm_bb missing"
-                )
-            features, soft, conf = arrays["features"], arrays.get("soft_labels"), arrays.get("conf")
-            n = features.shape[0] if isinstance(features, np.ndarray) and features.ndim == 2 else 0
-            if soft is None:
-                from .common import uniform_soft_labels
-
-                soft = uniform_soft_labels(n)
-            feat, loc, _ = select_regions(
-                features=features,
-                loc=loc_from_norm_bb(arrays["norm_bb"]),
-                conf=conf,
-                soft=soft,
-                policy=self.policy,
-            )
-            images.append((feat, loc))
+            images.append(task_regions(_decode_image(value), self.policy, name)[:2])
         meta = {"dataset": self.dataset, "images": lines[0]["images"]}
         if self.task == "vqa":
             meta["num_classes"] = self.num_answers

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..data.schema import BERT_BASE_CASED, Vocab
 from ..data.task_shards import TaskRecord
-from .captions import WordPiece, regions_from_arrays
+from .captions import WordPiece, read_task_npz
 from .common import (
     ConvertError,
     RegionPolicy,
@@ -50,12 +50,9 @@ from .common import (
     Stats,
     Unit,
     input_fingerprint,
-    read_npz,
-    select_regions,
+    units_in_order,
     write_json_atomic,
 )
-
-_NPZ_FIELDS = ("features", "norm_bb", "boxes", "conf", "soft_labels", "image_w", "image_h")
 
 # The VQA evaluation's normalisation tables (vqaEval.py), as data.
 CONTRACTIONS = {
@@ -281,16 +278,7 @@ class VqaJsonSource(Source):
         return len(self.keys)
 
     def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        start = 0 if cursor is None else int(cursor)
-        for i in range(start, len(self.keys)):
-            image_id = self.keys[i]
-            unit = Unit(key=str(image_id), cursor=i + 1)
-            try:
-                self._fill(unit, image_id)
-            except SkipRecord as e:
-                unit.record = None
-                unit.skip, unit.source_field, unit.detail = e.reason, e.field, e.detail
-            yield unit
+        return units_in_order(cursor, self.keys, str, self._fill)
 
     def _fill(self, unit: Unit, image_id: int) -> None:
         qids = self.groups[image_id]
@@ -298,16 +286,7 @@ class VqaJsonSource(Source):
         name = self._npz.get(image_id)
         if name is None:
             raise SkipRecord("no_features", None, f"has no .npz in {self.npz_dir}")
-        try:
-            arrays = read_npz(self.npz_dir / name, _NPZ_FIELDS)
-        except SkipRecord as e:
-            raise SkipRecord(e.reason, e.field, f"{name}: {e.detail}") from None
-        features, loc, conf, soft, unit.conf_source = regions_from_arrays(
-            arrays, width=None, height=None, missing_soft_labels="uniform"
-        )
-        feat, loc, _ = select_regions(
-            features=features, loc=loc, conf=conf, soft=soft, policy=self.policy
-        )
+        feat, loc, unit.conf_source = read_task_npz(self.npz_dir / name, self.policy)
         ids = self.tokenizer.encode([self.questions[q]["question"] for q in qids])
         items = []
         for qid, tokens in zip(qids, ids, strict=True):
