@@ -25,25 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
-from .collate import DOWNSTREAM_TASKS, _allocate, collate
+from .collate import DOWNSTREAM_TASKS, _allocate, _field, collate
 
 # The reference's class counts: VQA's answer vocabulary (utils/ans2label.json), SNLI-VE's labels.
 VQA_ANSWERS = 3129
 VE_LABELS = ("contradiction", "entailment", "neutral")
-
-
-def _field(ex: Any, i: int, name: str) -> Any:
-    try:
-        return ex[name]
-    except KeyError:
-        raise ValueError(f"example {i}: missing field {name!r}") from None
-    except TypeError:
-        raise TypeError(f"example {i}: expected a dict, got {type(ex).__name__}") from None
 
 
 def _all_or_none(examples: Sequence[dict], name: str) -> bool:

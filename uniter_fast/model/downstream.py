@@ -35,8 +35,7 @@ from torch import nn
 from ..config import UniterConfig
 from ..data.schema import IMG_DIM, Batch
 from ..ops import gather_padded
-from .attention import AttentionChoice
-from .pretrain import UniterModel
+from .pretrain import UniterModel, UniterWithHeads
 
 NLVR2_VARIANTS = ("paired-attn", "paired", "triplet")
 _TYPE_KEY = "uniter.embeddings.token_type_embeddings.weight"
@@ -47,9 +46,10 @@ def _widen(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class UniterForDownstream(nn.Module):
-    """The packed encoder, the reference's weight init, and the attention-backend plumbing that
-    every downstream model shares. Subclasses add a head and `forward(batch)`."""
+class UniterForDownstream(UniterWithHeads):
+    """The packed encoder (with `UniterWithHeads`' weight init and attention-backend plumbing)
+    and the batch checks every downstream model shares. Subclasses add a head and
+    `forward(batch)`."""
 
     task: str = ""
 
@@ -67,31 +67,6 @@ class UniterForDownstream(nn.Module):
         self.uniter = UniterModel(
             config, img_dim, attention=attention, varlen_dropout=varlen_dropout
         )
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # The reference's scheme: N(0, initializer_range) weights, zero biases, unit LayerNorm.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
-
-    @property
-    def attention_choice(self) -> AttentionChoice | None:
-        return self.uniter.attention_choice
-
-    def set_attention(
-        self,
-        requested: str | None = None,
-        device: torch.device | str | None = None,
-        varlen_dropout: str | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-    ) -> AttentionChoice:
-        """Resolve the attention backend (see `UniterForPretraining.set_attention`)."""
-        return self.uniter.set_attention(requested, device, varlen_dropout, dtype=dtype)
 
     def _check(self, batch: Batch) -> None:
         if batch.task != self.task:

@@ -93,7 +93,47 @@ class UniterModel(nn.Module):
         return self.encoder(hidden, AttentionLayout.from_batch(batch, hidden.shape[0]))
 
 
-class UniterForPretraining(nn.Module):
+class UniterWithHeads(nn.Module):
+    """What every UNITER model with heads shares (pretraining and the downstream tasks): the
+    reference's weight init, and the attention backend of its `self.uniter`."""
+
+    config: UniterConfig
+    uniter: UniterModel
+
+    @property
+    def attention_choice(self) -> AttentionChoice | None:
+        """The backend attention runs on; None while the request cannot run where the model is."""
+        return self.uniter.attention_choice
+
+    def set_attention(
+        self,
+        requested: str | None = None,
+        device: torch.device | str | None = None,
+        varlen_dropout: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> AttentionChoice:
+        """Resolve the attention backend now, for `device` (None: where the parameters are).
+
+        requested / varlen_dropout: None keeps the current request; dtype: the dtype attention
+        runs in (the autocast dtype), None when not known. Returns the choice for the log;
+        raises ValueError where the request cannot run.
+        """
+        return self.uniter.set_attention(requested, device, varlen_dropout, dtype=dtype)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The reference's scheme: N(0, initializer_range) for linear and embedding weights, zero
+        # biases, unit LayerNorm.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+
+class UniterForPretraining(UniterWithHeads):
     """UNITER with the MLM, MRFR, MRC, MRC-kl and ITM(+WRA) heads of the reference.
 
     config: the architecture; img_dim: region feature width; img_label_dim: detector classes
@@ -145,38 +185,6 @@ class UniterForPretraining(nn.Module):
         self.apply(self._init_weights)
         with torch.no_grad():
             self.uniter.img_embeddings.mask_embedding.weight[0].zero_()
-
-    @property
-    def attention_choice(self) -> AttentionChoice | None:
-        """The backend attention runs on; None while the request cannot run where the model is."""
-        return self.uniter.attention_choice
-
-    def set_attention(
-        self,
-        requested: str | None = None,
-        device: torch.device | str | None = None,
-        varlen_dropout: str | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-    ) -> AttentionChoice:
-        """Resolve the attention backend now, for `device` (None: where the parameters are).
-
-        requested / varlen_dropout: None keeps the current request; dtype: the dtype attention
-        runs in (the autocast dtype), None when not known. Returns the choice for the log;
-        raises ValueError where the request cannot run.
-        """
-        return self.uniter.set_attention(requested, device, varlen_dropout, dtype=dtype)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # The reference's scheme: N(0, initializer_range) for linear and embedding weights, zero
-        # biases, unit LayerNorm.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
 
     def forward(self, batch: Batch, task: str, *, metrics: bool = False) -> dict:
         """One task's loss on a packed batch.
