@@ -46,18 +46,14 @@ def _compute_pad(lens, max_len):
     return pad
 
 
-def collate(examples, task, *, ot=True):
-    """The authors' padded batch for `task` from example dicts."""
-    input_ids = [torch.as_tensor(np.asarray(ex["input_ids"]), dtype=torch.long) for ex in examples]
-    # np.array copies: the reference reads fresh arrays; shard records are read-only.
-    img_feats = [torch.from_numpy(np.array(ex["img_feat"], dtype=np.float32)) for ex in examples]
-    img_pos = [torch.from_numpy(np.array(ex["img_loc"], dtype=np.float32)) for ex in examples]
+def padded_inputs(input_ids, img_feats, img_pos) -> dict:
+    """The inputs every task's padded batch shares, from per-sequence tensors: padded ids,
+    positions, features, boxes, attention masks and the gather index."""
     txt_lens = [t.size(0) for t in input_ids]
     num_bbs = [f.size(0) for f in img_feats]
     attn_masks = [
         torch.ones(tl + nbb, dtype=torch.long) for tl, nbb in zip(txt_lens, num_bbs, strict=True)
     ]
-
     padded_ids = pad_sequence(input_ids, batch_first=True, padding_value=0)
     batch = {
         "input_ids": padded_ids,
@@ -69,6 +65,20 @@ def collate(examples, task, *, ot=True):
     bs, max_tl = padded_ids.size()
     out_size = batch["attn_masks"].size(1)
     batch["gather_index"] = get_gather_index(txt_lens, num_bbs, bs, max_tl, out_size)
+    return batch
+
+
+def collate(examples, task, *, ot=True):
+    """The authors' padded batch for `task` from example dicts."""
+    input_ids = [torch.as_tensor(np.asarray(ex["input_ids"]), dtype=torch.long) for ex in examples]
+    # np.array copies: the reference reads fresh arrays; shard records are read-only.
+    img_feats = [torch.from_numpy(np.array(ex["img_feat"], dtype=np.float32)) for ex in examples]
+    img_pos = [torch.from_numpy(np.array(ex["img_loc"], dtype=np.float32)) for ex in examples]
+    txt_lens = [t.size(0) for t in input_ids]
+    num_bbs = [f.size(0) for f in img_feats]
+    batch = padded_inputs(input_ids, img_feats, img_pos)
+    bs, max_tl = batch["input_ids"].size()
+    out_size = batch["attn_masks"].size(1)
 
     if task == "mlm":
         labels = [

@@ -15,28 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .collate import get_gather_index, pad_tensors
-from .model import GELU, UniterModel
-
-
-def _padded_inputs(input_ids, img_feats, img_pos):
-    txt_lens = [t.size(0) for t in input_ids]
-    num_bbs = [f.size(0) for f in img_feats]
-    attn_masks = [
-        torch.ones(tl + nbb, dtype=torch.long) for tl, nbb in zip(txt_lens, num_bbs, strict=True)
-    ]
-    padded_ids = pad_sequence(input_ids, batch_first=True, padding_value=0)
-    batch = {
-        "input_ids": padded_ids,
-        "position_ids": torch.arange(0, padded_ids.size(1), dtype=torch.long).unsqueeze(0),
-        "img_feat": pad_tensors(img_feats, num_bbs),
-        "img_pos_feat": pad_tensors(img_pos, num_bbs),
-        "attn_masks": pad_sequence(attn_masks, batch_first=True, padding_value=0),
-    }
-    bs, max_tl = padded_ids.size()
-    out_size = batch["attn_masks"].size(1)
-    batch["gather_index"] = get_gather_index(txt_lens, num_bbs, bs, max_tl, out_size)
-    return batch
+from .collate import padded_inputs
+from .model import GELU, UniterForPretraining, UniterModel
 
 
 def _ids(ex):
@@ -50,7 +30,7 @@ def _f32(a):
 def collate(examples, task):
     """The authors' padded batch for "vqa", "ve", "nlvr2" (paired) or "nlvr2-triplet"."""
     if task in ("vqa", "ve"):
-        batch = _padded_inputs(
+        batch = padded_inputs(
             [_ids(ex) for ex in examples],
             [_f32(ex["img_feat"]) for ex in examples],
             [_f32(ex["img_loc"]) for ex in examples],
@@ -77,7 +57,7 @@ def collate(examples, task):
             types.append(torch.tensor([1] * left.size(0) + [2] * right.size(0), dtype=torch.long))
     else:
         raise ValueError(f"invalid task {task}")
-    batch = _padded_inputs(ids, feats, locs)
+    batch = padded_inputs(ids, feats, locs)
     batch["img_type_ids"] = pad_sequence(types, batch_first=True, padding_value=0)
     if "target" in examples[0]:
         batch["targets"] = torch.tensor([int(ex["target"]) for ex in examples], dtype=torch.long)
@@ -90,14 +70,7 @@ class _Finetuned(nn.Module):
         self.config = config
         self.uniter = UniterModel(config, img_dim)
 
-    def init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
+    init_weights = UniterForPretraining.init_weights  # the reference's one scheme
 
     def _encode(self, batch):
         return self.uniter(
