@@ -107,22 +107,35 @@ def read_examples(
     return examples
 
 
+def _greedy_fill(items, tokens: Callable[[object], int], budget: int) -> Iterator[list]:
+    """Batches of `items` in their order: a batch takes items while their `tokens` stay within
+    `budget` (an item alone over the budget gets a batch of its own)."""
+    current, used = [], 0
+    for item in items:
+        n = tokens(item)
+        if current and used + n > budget:
+            yield current
+            current, used = [], 0
+        current.append(item)
+        used += n
+    if current:
+        yield current
+
+
 def token_batches(
     examples: Sequence[dict], order, budget: int, collate_task: str
 ) -> list[list[int]]:
-    """Greedy fill in `order`: a batch takes examples while its real tokens stay within
-    `budget` (an example alone over the budget gets a batch of its own)."""
-    batches, current, used = [], [], 0
-    for i in order:
-        n = example_tokens(examples[i], collate_task)
-        if current and used + n > budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(int(i))
-        used += n
-    if current:
-        batches.append(current)
-    return batches
+    """Greedy fill of `examples` in `order` (indices) within `budget` real tokens a batch."""
+    return list(
+        _greedy_fill(
+            (int(i) for i in order), lambda i: example_tokens(examples[i], collate_task), budget
+        )
+    )
+
+
+def _collated(examples: list[dict], collate_task: str, pin: bool):
+    batch = collate(examples, task=collate_task)
+    return batch.pin_memory() if pin else batch
 
 
 class FinetuneLoader:
@@ -199,8 +212,7 @@ class FinetuneLoader:
             batches = self._batches()
         chosen = [self.examples[i] for i in batches[self.done]]
         self.done += 1
-        batch = collate(chosen, task=self.collate_task)
-        return self.task, batch.pin_memory() if self.pin else batch
+        return self.task, _collated(chosen, self.collate_task, self.pin)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.done}
@@ -287,14 +299,11 @@ class StreamingFinetuneLoader:
             npass += 1
 
     def _stream_batches(self) -> Iterator[list[dict]]:
-        current, used = [], 0
-        for ex in self._examples():
-            n = example_tokens(ex, self.collate_task)
-            if current and used + n > self.tokens_per_batch:
-                yield current
-                current, used = [], 0
-            current.append(ex)
-            used += n
+        return _greedy_fill(
+            self._examples(),
+            lambda ex: example_tokens(ex, self.collate_task),
+            self.tokens_per_batch,
+        )
 
     def __iter__(self) -> Iterator[tuple[str, object]]:
         return self
@@ -302,8 +311,7 @@ class StreamingFinetuneLoader:
     def __next__(self) -> tuple[str, object]:
         chosen = next(self._batches)
         self.done += 1
-        batch = collate(chosen, task=self.collate_task)
-        return self.task, batch.pin_memory() if self.pin else batch
+        return self.task, _collated(chosen, self.collate_task, self.pin)
 
     def state_dict(self) -> dict:
         return {"batches": self.done}
