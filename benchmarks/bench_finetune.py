@@ -44,6 +44,7 @@ import uniter_fast as uf  # noqa: E402
 from uniter_fast.authors import downstream as authors  # noqa: E402
 from uniter_fast.config import OptimConfig, RunConfig, UniterConfig  # noqa: E402
 from uniter_fast.data.schema import BERT_BASE_CASED  # noqa: E402
+from uniter_fast.tasks.finetune import example_tokens, token_batches  # noqa: E402
 
 NAME = "finetune"
 TASKS = ("vqa", "nlvr2")
@@ -85,8 +86,6 @@ def make_examples(task: str, tokens: int, count: int, seed: int) -> list[list[di
                     "target": bool(rng.integers(2)),
                 }
             )
-    from uniter_fast.tasks.finetune import example_tokens, token_batches
-
     order = rng.permutation(len(examples))
     batches = token_batches(examples, order, tokens, "nlvr2" if task == "nlvr2" else "vqa")
     full = [b for b in batches if sum(example_tokens(examples[i], task) for i in b) > tokens * 0.8]
@@ -186,14 +185,7 @@ def bench(task: str, model_name: str, s) -> dict:
         tokens = s.tokens_per_batch
     batches = make_examples(task, tokens, s.batches, s.seed)
     n_examples = [len(b) for b in batches]
-    n_tokens = [
-        sum(
-            len(ex["input_ids"]) * (2 if task == "nlvr2" else 1)
-            + sum(len(f) for f in (ex["img_feat"] if task == "nlvr2" else (ex["img_feat"],)))
-            for ex in b
-        )
-        for b in batches
-    ]
+    n_tokens = [sum(example_tokens(ex, task) for ex in b) for b in batches]
     ps = providers(task, config, s, accum)
     host = {name: [p["collate"](b) for b in batches] for name, p in ps.items()}
     # The same loss from both before anything is timed.
