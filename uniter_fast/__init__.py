@@ -7,7 +7,8 @@ report = uf.load_pretrained(model, "uniter-base.pt")
 batch = uf.data.collate(examples, task="mlm")
 out = model(batch, task="mlm")          # {"loss": ..., "mlm": ...}
 
-model = uf.UniterForVqa(cfg, img_dim=2048, num_answers=3129)   # or VisualEntailment, Nlvr2
+model = uf.UniterForVqa(cfg, img_dim=2048, num_answers=3129)   # or VisualEntailment, Nlvr2,
+                                                              # Retrieval, ReferringExpressions
 out = model(uf.data.collate(examples, task=model.task))       # {"scores": ..., "loss": ...}
 """
 
@@ -18,6 +19,8 @@ from .data.schema import Batch
 from .model import (
     UniterForNlvr2,
     UniterForPretraining,
+    UniterForReferringExpressions,
+    UniterForRetrieval,
     UniterForVisualEntailment,
     UniterForVqa,
     UniterModel,
@@ -31,6 +34,8 @@ __all__ = [
     "UniterConfig",
     "UniterForNlvr2",
     "UniterForPretraining",
+    "UniterForReferringExpressions",
+    "UniterForRetrieval",
     "UniterForVisualEntailment",
     "UniterForVqa",
     "UniterModel",

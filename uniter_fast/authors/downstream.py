@@ -1,9 +1,10 @@
-"""The authors' VQA, SNLI-VE and NLVR2 models and collates, re-implemented for comparison.
+"""The authors' downstream models and collates, re-implemented for comparison.
 
-The reference's `model/vqa.py`, `model/ve.py`, `model/nlvr2.py` and `data/vqa.py`,
-`data/nlvr2.py`: padded batches through `gather_index`, the heads under the reference's names,
-losses unreduced as the reference returns them (`reduce_loss` applies the training scripts'
-reduction). Written apart from `uniter_fast.model.downstream`, sharing only the authors' encoder
+The reference's `model/vqa.py`, `model/ve.py`, `model/nlvr2.py`, `model/itm.py`, `model/re.py`
+and `data/vqa.py`, `data/nlvr2.py`, `data/itm.py`, `data/re.py`: padded batches through
+`gather_index`, the heads under the reference's names, losses unreduced as the reference returns
+them (`reduce_loss` applies the training scripts' reduction). Written apart from
+`uniter_fast.model.downstream`, sharing only the authors' encoder
 (`uniter_fast.authors.model.UniterModel`), so that tests comparing the two mean something.
 """
 
@@ -28,7 +29,26 @@ def _f32(a):
 
 
 def collate(examples, task):
-    """The authors' padded batch for "vqa", "ve", "nlvr2" (paired) or "nlvr2-triplet"."""
+    """The authors' padded batch for "vqa", "ve", "nlvr2" (paired), "nlvr2-triplet",
+    "retrieval" (itm_rank_collate: `sample_size` when the examples have targets, every group
+    then the same size) or "re" (re_collate: `txt_lens`, `num_bbs`, `obj_masks`, `targets`)."""
+    if task in ("retrieval", "re"):
+        ids = [_ids(ex) for ex in examples]
+        feats = [_f32(ex["img_feat"]) for ex in examples]
+        batch = padded_inputs(ids, feats, [_f32(ex["img_loc"]) for ex in examples])
+        has_target = "target" in examples[0]
+        if task == "retrieval":
+            if has_target:
+                starts = [i for i, ex in enumerate(examples) if int(ex["target"]) == 1]
+                batch["sample_size"] = starts[1] if len(starts) > 1 else len(examples)
+            return batch
+        batch["txt_lens"] = [t.size(0) for t in ids]
+        batch["num_bbs"] = [f.size(0) for f in feats]
+        obj_masks = [torch.tensor([0] * f.size(0), dtype=torch.uint8) for f in feats]
+        batch["obj_masks"] = pad_sequence(obj_masks, batch_first=True, padding_value=1).bool()
+        if has_target:
+            batch["targets"] = torch.tensor([[int(ex["target"])] for ex in examples])
+        return batch
     if task in ("vqa", "ve"):
         batch = padded_inputs(
             [_ids(ex) for ex in examples],
@@ -199,6 +219,141 @@ class UniterForNlvr2PairedAttn(_Finetuned):
         return answer_scores
 
 
+class UniterForImageTextRetrieval(_Finetuned):
+    def __init__(self, config, img_dim, margin=0.2):
+        super().__init__(config, img_dim)
+        self.itm_output = nn.Linear(config.hidden_size, 2)
+        self.rank_output = nn.Linear(config.hidden_size, 1)
+        self.margin = margin
+        self.apply(self.init_weights)
+
+    def init_output(self):
+        """need to be called after from pretrained"""
+        self.rank_output.weight.data = self.itm_output.weight.data[1:, :]
+        self.rank_output.bias.data = self.itm_output.bias.data[1:]
+
+    def forward(self, batch, compute_loss=True):
+        rank_scores = self.rank_output(self._pooled(batch))
+        if compute_loss:
+            # triplet loss
+            rank_scores_sigmoid = torch.sigmoid(rank_scores)
+            sample_size = batch["sample_size"]
+            scores = rank_scores_sigmoid.contiguous().view(-1, sample_size)
+            pos = scores[:, :1]
+            neg = scores[:, 1:]
+            return torch.clamp(self.margin + neg - pos, 0)
+        return rank_scores
+
+
+class UniterForReferringExpressionComprehension(_Finetuned):
+    def __init__(self, config, img_dim, loss="cls", margin=0.2, hard_ratio=0.3, mlp=1):
+        super().__init__(config, img_dim)
+        h = config.hidden_size
+        if mlp == 1:
+            self.re_output = nn.Linear(h, 1)
+        elif mlp == 2:
+            self.re_output = nn.Sequential(
+                nn.Linear(h, h), GELU(), nn.LayerNorm(h, eps=1e-12), nn.Linear(h, 1)
+            )
+        else:
+            raise ValueError("MLP restricted to be 1 or 2 layers.")
+        self.loss = loss
+        assert self.loss in ["cls", "rank"]
+        if self.loss == "rank":
+            self.margin = margin
+            self.hard_ratio = hard_ratio
+        else:
+            self.crit = nn.CrossEntropyLoss(reduction="none")
+        self.apply(self.init_weights)
+
+    def forward(self, batch, compute_loss=True):
+        sequence_output = self._encode(batch)
+        # get only the region part
+        sequence_output = self._get_image_hidden(
+            sequence_output, batch["txt_lens"], batch["num_bbs"]
+        )
+        scores = self.re_output(sequence_output).squeeze(2)
+        scores = scores.masked_fill(batch["obj_masks"], -1e4)  # mask out non-objects
+        if compute_loss:
+            targets = batch["targets"]
+            if self.loss == "cls":
+                return self.crit(scores, targets.squeeze(-1))  # (n, ) as no reduction
+            raise NotImplementedError("the rank loss samples at random: compared by its parts")
+        return scores
+
+    def _get_image_hidden(self, sequence_output, txt_lens, num_bbs):
+        outputs = []
+        max_bb = max(num_bbs)
+        hid_size = sequence_output.size(-1)
+        for seq_out, len_, nbb in zip(
+            sequence_output.split(1, dim=0), txt_lens, num_bbs, strict=True
+        ):
+            img_hid = seq_out[:, len_ : len_ + nbb, :]
+            if nbb < max_bb:
+                pad = torch.zeros(
+                    1, max_bb - nbb, hid_size, dtype=img_hid.dtype, device=img_hid.device
+                )
+                img_hid = torch.cat([img_hid, pad], dim=1)
+            outputs.append(img_hid)
+        return torch.cat(outputs, dim=0)
+
+
+def compute_iou(box1, box2):
+    """The reference's inclusive-pixel IoU of two [x, y, w, h] boxes (ReEvalDataset.computeIoU)."""
+    inter_x1 = max(box1[0], box2[0])
+    inter_y1 = max(box1[1], box2[1])
+    inter_x2 = min(box1[0] + box1[2] - 1, box2[0] + box2[2] - 1)
+    inter_y2 = min(box1[1] + box1[3] - 1, box2[1] + box2[3] - 1)
+    if inter_x1 < inter_x2 and inter_y1 < inter_y2:
+        inter = (inter_x2 - inter_x1 + 1) * (inter_y2 - inter_y1 + 1)
+    else:
+        inter = 0
+    union = box1[2] * box1[3] + box2[2] * box2[3] - inter
+    return float(inter) / union
+
+
+def itm_eval(score_matrix, txt_ids, img_ids, txt2img, img2txts):
+    """The reference's recall@1/5/10 (utils/itm_eval.py), on a [texts, images] score tensor."""
+    img2j = {i: j for j, i in enumerate(img_ids)}
+    _, rank_txt = score_matrix.topk(10, dim=1)
+    gt_img_j = (
+        torch.LongTensor([img2j[txt2img[txt_id]] for txt_id in txt_ids])
+        .unsqueeze(1)
+        .expand_as(rank_txt)
+    )
+    rank = (rank_txt == gt_img_j).nonzero()
+    if rank.numel():
+        ir_r1 = (rank < 1).sum().item() / len(txt_ids)
+        ir_r5 = (rank < 5).sum().item() / len(txt_ids)
+        ir_r10 = (rank < 10).sum().item() / len(txt_ids)
+    else:
+        ir_r1, ir_r5, ir_r10 = 0, 0, 0
+    txt2i = {t: i for i, t in enumerate(txt_ids)}
+    _, rank_img = score_matrix.topk(10, dim=0)
+    tr_r1, tr_r5, tr_r10 = 0, 0, 0
+    for j, img_id in enumerate(img_ids):
+        gt_is = [txt2i[t] for t in img2txts[img_id]]
+        ranks = [(rank_img[:, j] == i).nonzero() for i in gt_is]
+        rank = min([10] + [r.item() for r in ranks if r.numel()])
+        tr_r1 += rank < 1
+        tr_r5 += rank < 5
+        tr_r10 += rank < 10
+    tr_r1, tr_r5, tr_r10 = (x / len(img_ids) for x in (tr_r1, tr_r5, tr_r10))
+    tr_mean = (tr_r1 + tr_r5 + tr_r10) / 3
+    ir_mean = (ir_r1 + ir_r5 + ir_r10) / 3
+    return {
+        "txt_r1": tr_r1,
+        "txt_r5": tr_r5,
+        "txt_r10": tr_r10,
+        "txt_r_mean": tr_mean,
+        "img_r1": ir_r1,
+        "img_r5": ir_r5,
+        "img_r10": ir_r10,
+        "img_r_mean": ir_mean,
+        "r_mean": (tr_mean + ir_mean) / 2,
+    }
+
+
 NLVR2 = {
     "paired-attn": UniterForNlvr2PairedAttn,
     "paired": UniterForNlvr2Paired,
@@ -207,7 +362,10 @@ NLVR2 = {
 
 
 def reduce_loss(task, loss, batch):
-    """The training scripts' reduction: VQA/VE `loss.mean() * targets.size(1)`; NLVR2 mean."""
+    """The training scripts' reduction: VQA/VE `loss.mean() * targets.size(1)`; RE sum; NLVR2
+    and retrieval mean."""
     if task in ("vqa", "ve"):
         return loss.mean() * batch["targets"].size(1)
+    if task == "re":
+        return loss.sum()
     return loss.mean()

@@ -28,7 +28,8 @@ import torch
 from .schema import LOC_DIM, MRM_TASKS, PACK_TASKS, Batch, check_task
 
 PAD_MULTIPLE = 8
-DOWNSTREAM_TASKS = ("vqa", "ve", "nlvr2", "nlvr2-triplet")  # uniter_fast.data.downstream
+# uniter_fast.data.downstream
+DOWNSTREAM_TASKS = ("vqa", "ve", "nlvr2", "nlvr2-triplet", "retrieval", "re")
 
 logger = logging.getLogger("uniter_fast.data")
 

@@ -1,6 +1,7 @@
-"""Packed batches for the downstream tasks: VQA, SNLI-VE and NLVR2.
+"""Packed batches for the downstream tasks: VQA, SNLI-VE, NLVR2, retrieval, referring expressions.
 
-    batch = collate(examples, task=model.task)     # "vqa", "ve", "nlvr2" or "nlvr2-triplet"
+    batch = collate(examples, task=model.task)  # "vqa", "ve", "nlvr2", "nlvr2-triplet",
+                                                # "retrieval" or "re"
 
 Each downstream batch is a pretraining batch without pretraining targets (the C++ packer's
 "pairs" task: text, regions, `cu_seqlens`, the padded view), plus the task's own fields:
@@ -16,6 +17,15 @@ Each downstream batch is a pretraining batch without pretraining targets (the C+
   image's regions, 2 on the right's (the reference's `use_img_type`).
 - "nlvr2-triplet": one sequence per example, the text then both images' regions; same fields,
   `img_type_ids` 1 then 2.
+- "retrieval": one sequence per (text, image) pair, fields `input_ids`, `img_feat`, `img_loc`,
+  and optionally `target`: 1 for a group's positive pair, 0 for each of its negatives, which
+  follow it (the first example of a batch with targets is a positive). Batch: `target` int64
+  [B].
+- "re": one sequence per referring expression, fields `input_ids`, `img_feat`, `img_loc`
+  (the image's regions) and optionally `target`: the referred region's index (0 <= target <
+  regions). Batch: `target` int64 [B] and `region_index` int64 [B, R] (R the most regions of an
+  example in the batch): position r of example b holds the index of its r-th region among the
+  batch's Ni regions, or Ni past its regions.
 
 Targets are optional (all examples or none): a batch without them is for inference. Bad examples
 raise ValueError/TypeError naming the example and the field.
@@ -85,6 +95,50 @@ def _binary_target(examples: Sequence[dict]) -> np.ndarray | None:
     return out
 
 
+def _retrieval_target(examples: Sequence[dict]) -> np.ndarray | None:
+    target = _binary_target(examples)
+    if target is None:
+        return None
+    if target[0] != 1:
+        raise ValueError(
+            "example 0: target must be 1: a retrieval batch with targets starts with a group's "
+            "positive, followed by its negatives"
+        )
+    if target.all():
+        raise ValueError("retrieval targets: the batch has no negative (target 0) to rank against")
+    return target
+
+
+def _region_target(examples: Sequence[dict], seqs: list[dict]) -> np.ndarray | None:
+    if not _all_or_none(examples, "target"):
+        return None
+    out = np.empty(len(examples), dtype=np.int64)
+    for i, ex in enumerate(examples):
+        t = ex["target"]
+        if isinstance(t, np.ndarray) and t.ndim == 0:
+            t = t.item()
+        n = len(seqs[i]["img_feat"])
+        if (
+            isinstance(t, (bool, np.bool_))
+            or not isinstance(t, (int, np.integer))
+            or not (0 <= t < n)
+        ):
+            raise ValueError(
+                f"example {i}: target must be the referred region's index in [0, {n}), got {t!r}"
+            )
+        out[i] = int(t)
+    return out
+
+
+def _region_index(img_len: np.ndarray) -> np.ndarray:
+    """(B, max regions): each example's region positions among the batch's Ni, Ni past its own."""
+    total = int(img_len.sum())
+    width = max(int(img_len.max()), 1)
+    starts = np.concatenate([[0], np.cumsum(img_len)[:-1]])
+    r = np.arange(width)
+    return np.where(r[None, :] < img_len[:, None], starts[:, None] + r[None, :], total)
+
+
 def _image_pair(ex: dict, i: int) -> tuple[tuple, tuple]:
     """((left feat, left loc), (right feat, right loc)) of an NLVR2 example."""
     pairs = []
@@ -103,7 +157,7 @@ def _image_pair(ex: dict, i: int) -> tuple[tuple, tuple]:
 
 def _sequences(examples: Sequence[dict], task: str) -> tuple[list[dict], list[np.ndarray] | None]:
     """The packer's examples (one per sequence) and, for NLVR2, each sequence's region types."""
-    if task in ("vqa", "ve"):
+    if task in ("vqa", "ve", "retrieval", "re"):
         seqs = [
             {
                 "input_ids": _field(ex, i, "input_ids"),
@@ -162,6 +216,16 @@ def collate_downstream(examples: Sequence[dict], task: str, *, out=None, backend
         targets = _soft_targets(examples)
         if targets is not None:
             extra["targets"] = targets
+    elif task == "retrieval":
+        target = _retrieval_target(examples)
+        if target is not None:
+            extra["target"] = target
+    elif task == "re":
+        target = _region_target(examples, seqs)
+        if target is not None:
+            extra["target"] = target
+        lengths = np.array([len(sq["img_feat"]) for sq in seqs], dtype=np.int64)
+        extra["region_index"] = _region_index(lengths)
     else:
         target = _binary_target(examples)
         if target is not None:

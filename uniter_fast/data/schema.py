@@ -113,6 +113,10 @@ class Batch:
         targets     float32 [B, C] VQA's soft scores, VE's one-hot labels
         target      int64 [E]      NLVR2: 1 when the statement is true (E examples: B / 2 paired)
         img_type_ids int64 [Ni]    NLVR2: the token type of each region (1 left image, 2 right)
+        target      int64 [B]      retrieval: 1 opens a group (its positive), 0 a negative of it;
+                                   RE: the referred region's index among the example's regions
+        region_index int64 [B, R]  RE: the padded view of the regions (R = max_img_len): index
+                                   into the batch's Ni regions (batch-major), Ni at padding
 
     Static shapes (`uniter_fast.data.static.pad_static`): every size above is then a cap of the
     `StaticShape` in `padding`, and the padding is inert. Pair slots past the real pairs have
@@ -153,6 +157,7 @@ class Batch:
     targets: torch.Tensor | None = None
     target: torch.Tensor | None = None
     img_type_ids: torch.Tensor | None = None
+    region_index: torch.Tensor | None = None
     mrm_valid: torch.Tensor | None = None
     padding: Any = None  # a `uniter_fast.data.static.StaticPadding` for static batches
 

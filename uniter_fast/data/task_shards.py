@@ -1,16 +1,20 @@
-"""Downstream task shards (VQA, SNLI-VE, NLVR2): WebDataset tars, an image's features stored once.
+"""Downstream task shards (VQA, SNLI-VE, NLVR2, RE): WebDataset tars, features stored once.
 
-One sample per image (VQA, VE) or per image pair (NLVR2), holding every question, hypothesis or
-statement about it, so that features are stored once however many texts use them:
+One sample per image (VQA, VE, RE) or per image pair (NLVR2), holding every question,
+hypothesis, statement or referring expression about it, so that features are stored once however
+many texts use them:
 
-    feat.npy    float16 [n, D]   region features (NLVR2: the left image)
+    feat.npy    float16 [n, D]   region features (NLVR2: the left image; RE: the ground-truth
+                                 boxes, in the order of meta.ann_ids when given)
     loc.npy     float32 [n, 7]
-    feat1.npy, loc1.npy          NLVR2 only: the right image
+    feat1.npy, loc1.npy          NLVR2: the right image; RE: the detected boxes
     items.json  {"items": [{"id": str, "input_ids": [int, ...], <target>}, ...]}
                 target: VQA "answers": [[answer index, soft score], ...]; VE "label": 0, 1 or 2
-                (contradiction, entailment, neutral); NLVR2 "target": true or false. Absent in
-                test splits.
-    meta.json   {"task": ..., "image_id": ..., ...}
+                (contradiction, entailment, neutral); NLVR2 "target": true or false; RE "target":
+                the referred ground-truth box's index, with "bbox": its [x, y, w, h] in pixels.
+                Absent in test splits.
+    meta.json   {"task": ..., "image_id": ..., ...}; RE also "width" and "height" in pixels (the
+                boxes' pixel coordinates come from them and loc).
 
 `input_ids` are WordPiece ids without [CLS]/[SEP] (the example builder adds them). Written by
 `ShardWriter.write_sample` (atomic shards, sha256 per shard); read through `iter_shard` with
@@ -38,14 +42,15 @@ from .shards import (
     iter_shard,
 )
 
-TARGET_FIELD = {"vqa": "answers", "ve": "label", "nlvr2": "target"}
+TARGET_FIELD = {"vqa": "answers", "ve": "label", "nlvr2": "target", "re": "target"}
+TWO_IMAGES = ("nlvr2", "re")  # tasks whose samples hold a second feature set (feat1, loc1)
 _WDS_META = frozenset({"__key__", "__url__", "__local_path__"})
 
 
 def _members(task: str) -> tuple[str, ...]:
     images = (
         ("feat.npy", "loc.npy", "feat1.npy", "loc1.npy")
-        if task == "nlvr2"
+        if task in TWO_IMAGES
         else (
             "feat.npy",
             "loc.npy",
@@ -103,7 +108,7 @@ def validate_task_record(
 
     if record.task not in TARGET_FIELD:
         raise fail("meta.json", "type", f"unknown task {record.task!r}")
-    want_images = 2 if record.task == "nlvr2" else 1
+    want_images = 2 if record.task in TWO_IMAGES else 1
     if len(record.images) != want_images:
         raise fail(
             "feat.npy",
@@ -128,6 +133,13 @@ def validate_task_record(
             )
         if not (np.isfinite(feat).all() and np.isfinite(loc).all()):
             raise fail(f"feat{suffix}.npy", "nonfinite", "holds NaN or Inf")
+    if record.task == "re":
+        for name in ("width", "height"):
+            value = record.meta.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise fail(
+                    "meta.json", "missing_field", f"RE needs a positive {name}, got {value!r}"
+                )
     if not isinstance(record.items, list) or not record.items:
         raise fail("items.json", "empty_caption", "holds no items")
     target = TARGET_FIELD[record.task]
@@ -172,6 +184,29 @@ def validate_task_record(
                     "range",
                     f"{where} ({item['id']}): label must be 0, 1 or 2, got {value!r}",
                 )
+        elif record.task == "re":
+            n = record.images[0][0].shape[0]
+            bbox = item.get("bbox")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+                raise fail(
+                    "items.json",
+                    "range",
+                    f"{where} ({item['id']}): target must be a ground-truth box index in [0, {n}),"
+                    f" got {value!r}",
+                )
+            if not (
+                isinstance(bbox, list)
+                and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+                and bbox[2] > 0
+                and bbox[3] > 0
+            ):
+                raise fail(
+                    "items.json",
+                    "range",
+                    f"{where} ({item['id']}): bbox must be [x, y, w, h] with w, h > 0, got "
+                    f"{str(bbox)[:80]}",
+                )
         elif not isinstance(value, bool) and value not in (0, 1):
             raise fail(
                 "items.json",
@@ -212,7 +247,7 @@ def decode_task_sample(
             _load_npy(raw["loc.npy"], shard, key, "loc.npy"),
         )
     ]
-    if task == "nlvr2":
+    if task in TWO_IMAGES:
         images.append(
             (
                 _load_npy(raw["feat1.npy"], shard, key, "feat1.npy"),
@@ -261,6 +296,7 @@ def iter_task_shard(
 
 __all__ = [
     "TARGET_FIELD",
+    "TWO_IMAGES",
     "TaskRecord",
     "decode_task_sample",
     "encode_task_sample",

@@ -12,6 +12,8 @@ from .downstream import (
     NLVR2_VARIANTS,
     UniterForDownstream,
     UniterForNlvr2,
+    UniterForReferringExpressions,
+    UniterForRetrieval,
     UniterForVisualEntailment,
     UniterForVqa,
 )
@@ -27,6 +29,8 @@ __all__ = [
     "UniterForDownstream",
     "UniterForNlvr2",
     "UniterForPretraining",
+    "UniterForReferringExpressions",
+    "UniterForRetrieval",
     "UniterForVisualEntailment",
     "UniterForVqa",
     "UniterModel",

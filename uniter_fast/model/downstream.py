@@ -1,4 +1,4 @@
-"""UNITER fine-tuned for VQA, SNLI-VE and NLVR2, on packed batches.
+"""UNITER fine-tuned for VQA, SNLI-VE, NLVR2, retrieval and referring expressions (packed).
 
     model = uf.UniterForVqa(cfg, img_dim=2048, num_answers=3129)
     uf.load_pretrained(model, "uniter-base.pt")          # or the reference's fine-tuned checkpoint
@@ -14,6 +14,10 @@ batch holds targets, `loss` reduced as the reference reduces it:
 - VQA and VE: binary cross-entropy with logits on the soft targets, mean over B x C elements,
   times C (train_vqa.py / train_ve.py); computed in fp32.
 - NLVR2: two-way cross-entropy, mean over examples.
+- Retrieval: sigmoid of the rank logits, hinge `max(0, margin + s(neg) - s(pos))` against every
+  negative of the positive's group, mean over the negatives (train_itm*.py).
+- Referring expressions: cross-entropy over each example's regions, summed over the batch
+  (train_re.py), or the reference's optional rank loss (also summed).
 
 The heads (UNITER_FINETUNE.md): VQA/VE: pooled [CLS] -> Linear(H, 2H) -> GELU -> LayerNorm ->
 Linear(2H, C). NLVR2 "triplet": one sequence with both images, pooled -> Linear(H, 2).
@@ -241,11 +245,161 @@ class UniterForNlvr2(UniterForDownstream):
         return torch.cat(pooled, dim=-1)
 
 
+class UniterForRetrieval(UniterForDownstream):
+    """Image-text retrieval: pooled [CLS] -> `rank_output` Linear(H, 1); `scores` [B] are the rank
+    logits (before the sigmoid).
+
+    The model also holds the pretraining ITM head (`itm_output`, as the reference's does): loading
+    a pretraining checkpoint, which has no `rank_output`, initialises the rank head from the ITM
+    head's "match" row (the reference's `init_output`), so a pretrained model scores retrieval
+    zero-shot. A checkpoint with `rank_output` (a fine-tuned one) loads as it is.
+
+    `loss`, when the batch has `target` (1 for a group's positive, 0 for each of its negatives,
+    which follow it: the collate task "retrieval"): mean over the negatives of
+    `max(0, margin + sigmoid(s_neg) - sigmoid(s_pos))`, in fp32.
+    """
+
+    task = "retrieval"
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        margin: float = 0.2,
+        *,
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
+    ):
+        super().__init__(config, img_dim, attention=attention, varlen_dropout=varlen_dropout)
+        h = config.hidden_size
+        self.margin = float(margin)
+        self.itm_output = nn.Linear(h, 2)
+        self.rank_output = nn.Linear(h, 1)
+        self.apply(self._init_weights)
+
+    def adapt_reference_state(self, state: dict) -> list[str]:
+        """`load_pretrained`'s hook: a checkpoint with the ITM head and no rank head (a
+        pretraining one) gives the rank head the ITM head's "match" row."""
+        if "rank_output.weight" in state or "itm_output.weight" not in state:
+            return []
+        state["rank_output.weight"] = state["itm_output.weight"][1:].clone()
+        state["rank_output.bias"] = state["itm_output.bias"][1:].clone()
+        return ["rank_output.*: initialised from itm_output row 1 (match), as init_output does"]
+
+    def forward(self, batch: Batch) -> dict:
+        self._check(batch)
+        hidden = self.uniter(batch)
+        scores = self.rank_output(self._pooled(hidden, batch)).squeeze(-1)
+        out = {"scores": scores}
+        if batch.target is not None:
+            out["loss"] = rank_hinge_loss(scores, batch.target, self.margin)
+        return out
+
+
+def rank_hinge_loss(scores: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean over the negatives of max(0, margin + sigmoid(s_neg) - sigmoid(s_pos of its group)).
+
+    scores [B]; target [B]: 1 opens a group (its positive), 0 a negative of the open group. No
+    host sync: each group's positive score is summed into its slot on the device."""
+    prob = torch.sigmoid(_widen(scores))
+    t = target.to(prob.dtype)
+    group = torch.cumsum(target, 0) - 1
+    pos = torch.zeros_like(prob).index_add_(0, group, prob * t)
+    neg = 1 - t
+    hinge = torch.clamp(margin + prob - pos[group], min=0) * neg
+    return hinge.sum() / neg.sum()
+
+
+RE_LOSSES = ("cls", "rank")
+
+
+class UniterForReferringExpressions(UniterForDownstream):
+    """Referring expressions: a score for every region of each example (the reference's
+    `re_output` on the region's output state). `scores` [B, R], R the most regions in the batch;
+    positions past an example's regions are -1e4 (the reference's mask).
+
+    mlp: 1, Linear(H, 1); 2, Linear(H, H) -> GELU -> LayerNorm -> Linear(H, 1). loss: "cls",
+    cross-entropy over the regions against `target` (the referred region's index), summed over
+    the batch (train_re.py); "rank", the reference's sigmoid hinge with `margin` against one
+    negative region per example, the highest-scoring one with probability `hard_ratio`, else a
+    random one (drawn with torch's generator on the scores' device), also summed; an example
+    with a single region adds nothing.
+
+    The head runs on the batch's region rows only (Ni of them, not B x R).
+    """
+
+    task = "re"
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        mlp: int = 1,
+        *,
+        loss: str = "cls",
+        margin: float = 0.2,
+        hard_ratio: float = 0.3,
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
+    ):
+        super().__init__(config, img_dim, attention=attention, varlen_dropout=varlen_dropout)
+        if mlp not in (1, 2):
+            raise ValueError(f"mlp must be 1 or 2 (layers of the RE head), got {mlp!r}")
+        if loss not in RE_LOSSES:
+            raise ValueError(f"loss must be one of {RE_LOSSES}, got {loss!r}")
+        h = config.hidden_size
+        self.mlp, self.loss, self.margin, self.hard_ratio = mlp, loss, margin, hard_ratio
+        if mlp == 1:
+            self.re_output = nn.Linear(h, 1)
+        else:
+            self.re_output = nn.Sequential(
+                nn.Linear(h, h),
+                nn.GELU(),
+                nn.LayerNorm(h, eps=config.layer_norm_eps),
+                nn.Linear(h, 1),
+            )
+        self.apply(self._init_weights)
+
+    def forward(self, batch: Batch) -> dict:
+        self._check(batch)
+        if batch.region_index is None:
+            raise ValueError("a referring-expression batch needs region_index (collate task 're')")
+        hidden = self.uniter(batch)
+        regions = self.re_output(hidden.index_select(0, batch.img_dest)).squeeze(-1)  # (Ni,)
+        # region_index points each padded (b, r) at its region, or at Ni: the -1e4 slot.
+        scores = torch.cat([regions, regions.new_full((1,), -1e4)])[batch.region_index]
+        out = {"scores": scores}
+        if batch.target is not None:
+            logits = _widen(scores)
+            if self.loss == "cls":
+                out["loss"] = F.cross_entropy(logits, batch.target, reduction="sum")
+            else:
+                out["loss"] = self._rank_loss(logits, batch.target, batch.img_len)
+        return out
+
+    def _rank_loss(self, scores, target, num_regions) -> torch.Tensor:
+        prob = torch.sigmoid(scores)
+        pos = prob.gather(1, target[:, None]).squeeze(1)
+        # hard: the best-scoring region other than the target; easy: a uniform other region.
+        hard = scores.scatter(1, target[:, None], float("-inf")).argmax(dim=1)
+        n = num_regions.to(scores.device)
+        draw = (torch.rand(n.shape, device=scores.device) * (n - 1).clamp(min=1)).long()
+        easy = draw + (draw >= target).long()
+        use_hard = torch.rand(n.shape, device=scores.device) < self.hard_ratio
+        neg = prob.gather(1, torch.where(use_hard, hard, easy)[:, None]).squeeze(1)
+        # An example with one region has no negative (the reference would fail on it): it adds 0.
+        return (torch.clamp(self.margin + neg - pos, min=0) * (n > 1)).sum()
+
+
 __all__ = [
     "NLVR2_VARIANTS",
+    "RE_LOSSES",
     "AttentionPool",
     "UniterForDownstream",
     "UniterForNlvr2",
+    "UniterForReferringExpressions",
+    "UniterForRetrieval",
     "UniterForVisualEntailment",
     "UniterForVqa",
+    "rank_hinge_loss",
 ]
