@@ -1,7 +1,7 @@
 r"""Pretrain UNITER, or fine-tune it on a downstream task.
 
     python train.py            # CPU quick start: tiny model on synthetic shards it writes itself
-    python train.py --task vqa # a downstream task's quick start (vqa, ve, nlvr2): summary.json
+    python train.py --task vqa # a downstream quick start (vqa, ve, nlvr2, retrieval, re)
                                # holds the validation metric and its chance level
     python train.py --config configs/pretrain/tiny-cpu.yaml --output-dir runs/tiny
     python train.py --data 'shards/coco-{000000..000099}.tar' \
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--task",
-        choices=["pretrain", "vqa", "ve", "nlvr2"],
+        choices=["pretrain", "vqa", "ve", "nlvr2", "retrieval", "re"],
         help="pretrain (default) or a downstream task; without --config a downstream task runs "
         "its CPU quick start, configs/finetune/<task>-tiny-cpu.yaml",
     )

@@ -586,6 +586,145 @@ def test_npz_captions_and_vocab_check(tmp_path, rng, capsys):
 
 
 # --------------------------------------------------------------------------------------------
+# Karpathy's split files (retrieval): dataset_coco.json, dataset_flickr30k.json
+
+
+def karpathy_entry(split: str, sentences: list[tuple[int, str]], *, cocoid=None, filename=None):
+    """One image of a Karpathy split file (COCO's carry a cocoid, Flickr30k's do not)."""
+    entry = {
+        "filepath": "val2014",
+        "filename": filename or f"COCO_val2014_{cocoid:012d}.jpg",
+        "imgid": 0,
+        "split": split,
+        "sentids": [sid for sid, _ in sentences],
+        "sentences": [
+            {"raw": raw, "tokens": raw.lower().split(), "sentid": sid, "imgid": 0}
+            for sid, raw in sentences
+        ],
+    }
+    if cocoid is not None:
+        entry["cocoid"] = cocoid
+    return entry
+
+
+def karpathy_json(path: Path, images: list[dict], dataset: str = "coco") -> Path:
+    path.write_text(json.dumps({"dataset": dataset, "images": images}))
+    return path
+
+
+def test_npz_captions_karpathy_splits(tmp_path, rng, capsys):
+    npz_dir = tmp_path / "npz"
+    npz_dir.mkdir()
+    for name in ("COCO_val2014_000000391895", "42", "COCO_val2014_000000000007", "11"):
+        np.savez_compressed(npz_dir / f"{name}.npz", **make_image(rng, 12, 4))
+    np.savez_compressed(npz_dir / "COCO_val2014_000000000009.npz", **make_image(rng, 12, 4))
+    images = [
+        karpathy_entry(
+            "test", [(770337, "A man riding horses."), (771687, "The dog")], cocoid=391895
+        ),
+        karpathy_entry("restval", [(5, "a dog")], cocoid=42),  # .npz named by cocoid
+        karpathy_entry("train", [(6, "A horse.")], cocoid=7),
+        karpathy_entry("val", [(8, "a man")], cocoid=9),  # not chosen: its .npz is not counted
+        karpathy_entry("train", [(12, " ".join(["a"] * 61))], cocoid=11),  # too long
+    ]
+    captions = karpathy_json(tmp_path / "dataset_coco.json", images)
+    vocab = write_vocab(tmp_path / "vocab.txt")
+
+    def run(out: str, *extra: str, file: Path = captions) -> int:
+        return main(
+            ["npz-captions", "--npz-dir", str(npz_dir), "--captions", str(file), "--vocab",
+             str(vocab), "--out", str(tmp_path / out), "--no-progress", *extra]
+        )  # fmt: skip
+
+    assert run("train", "--karpathy-split", "train,restval") == 0
+    records = read_all(tmp_path / "train")
+    assert sorted(records, key=int) == ["7", "42"]
+    assert records["42"].meta["caption_ids"] == ["5"] and records["7"].meta["caption_ids"] == ["6"]
+    assert [c.tolist() for c in records["42"].captions] == [[WORD_ID["a"], WORD_ID["dog"]]]
+    manifest = json.loads((tmp_path / "train" / MANIFEST_NAME).read_text())
+    assert manifest["totals"]["skipped_images"] == {"no_caption_left": 1}
+    assert manifest["source"]["arguments"]["karpathy_split"] == ["train", "restval"]
+    assert manifest["source"]["inputs"][0]["karpathy_split"] == ["train", "restval"]
+
+    assert run("test", "--karpathy-split", "test") == 0
+    (test,) = read_all(tmp_path / "test").values()
+    assert test.key == "391895" and test.meta["caption_ids"] == ["770337", "771687"]
+    w = WORD_ID
+    assert test.captions[0].tolist() == [
+        w["A"],
+        w["man"],
+        w["riding"],
+        w["horse"],
+        w["##s"],
+        w["."],
+    ]
+
+    # The option is required for Karpathy's files, refused for COCO's, checked for names.
+    capsys.readouterr()
+    assert run("none") == 1
+    assert "Karpathy's split files: choose its splits with --karpathy-split" in (
+        capsys.readouterr().err
+    )
+    coco = coco_json(tmp_path / "coco.json", [{"id": 42}], [(42, "a dog")])
+    assert run("coco", "--karpathy-split", "test", file=coco) == 1
+    assert "not one of Karpathy's split files" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        run("bad", "--karpathy-split", "train,bogus")
+    assert info.value.code == 2 and "bogus" in capsys.readouterr().err
+
+
+def test_npz_captions_karpathy_flickr(tmp_path, rng):
+    npz_dir = tmp_path / "npz"
+    npz_dir.mkdir()
+    img = make_image(rng, 14, 6)
+    np.savez_compressed(npz_dir / "1000092795.npz", **img)  # Flickr30k: named by filename stem
+    images = [
+        karpathy_entry("test", [(0, "A man."), (1, "a dog")], filename="1000092795.jpg"),
+        karpathy_entry("train", [(2, "a horse")], filename="10002456.jpg"),
+    ]
+    captions = karpathy_json(tmp_path / "dataset_flickr30k.json", images, "flickr30k")
+    out = tmp_path / "out"
+    args = ["npz-captions", "--npz-dir", str(npz_dir), "--captions", str(captions), "--vocab"]
+    args += [str(write_vocab(tmp_path / "vocab.txt")), "--out", str(out), "--no-progress"]
+    # restval does not exist in Flickr30k: said, not fatal.
+    assert main([*args, "--karpathy-split", "test,restval"]) == 0
+    (rec,) = read_all(out).values()
+    assert rec.key == "1000092795" and rec.meta["image_id"] == "1000092795"
+    assert rec.meta["caption_ids"] == ["0", "1"] and len(rec.captions) == 2
+    assert rec.meta["file_name"] == "1000092795.jpg"
+    feat, _, _ = expected_regions(img, loc_from_norm_bb_7(img["norm_bb"]))
+    assert rec.feat.tobytes() == feat.tobytes()
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert any("no image in Karpathy split(s) restval" in w for w in manifest["warnings"])
+
+
+def loc_from_norm_bb_7(nb: np.ndarray) -> np.ndarray:
+    return np.concatenate([nb, nb[:, 4:5] * nb[:, 5:6]], 1)
+
+
+def test_butd_tsv_karpathy_split(tsv_source, tmp_path):
+    images = [
+        karpathy_entry("test", [(100, "A man riding horses."), (101, "a dog")], cocoid=42),
+        karpathy_entry("test", [(102, "a man")], cocoid=7),
+        *(karpathy_entry("train", [(200 + i, "a dog")], cocoid=i) for i in (99, 13, 8)),
+    ]
+    tsv_source["captions"] = karpathy_json(tmp_path / "dataset_coco.json", images)
+    out = tmp_path / "out"
+    assert main(tsv_args(tsv_source, out, "--karpathy-split", "test")) == 0
+    records = read_all(out)
+    assert sorted(records) == ["42", "7"]
+    assert records["42"].meta["caption_ids"] == ["100", "101"]
+    assert records["7"].meta["caption_ids"] == ["102"]
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["source"]["arguments"]["captions"] == str(tsv_source["captions"].resolve())
+    assert {"karpathy_split": ["test"]}.items() <= manifest["source"]["inputs"][2].items()
+    # The train images' TSV lines are not captioned in this split: skipped by policy.
+    assert manifest["totals"]["skipped_images"]["no_caption"] == 4  # 99, 13, 8 and 11
+    # Without the option the file is refused.
+    assert main(tsv_args(tsv_source, tmp_path / "out2")) == 1
+
+
+# --------------------------------------------------------------------------------------------
 # Bad fraction, refusals, resume
 
 

@@ -309,12 +309,29 @@ class FinetuneConfig:
     (the reference's configs), "paired" or "triplet"; head_lr_mul: the head's lr multiplier (the
     reference's VQA `lr_mul`: 10); max_txt_len: training texts longer than this many tokens
     ([CLS]/[SEP] not counted) are dropped, as the reference drops them (evaluation keeps all).
+
+    Retrieval: margin of the hinge (0.2); hard_negatives: the reference's hard-negative training
+    (else plain: `negatives` random images and captions per positive, the reference's 1); per
+    micro-batch, `hard_positives` captions each scored against their image and `negative_size`
+    random images, and as many images against `negative_size` captions, without gradients, the
+    `hard_neg_size` best-scoring negatives of each kept for training (the reference's 1, 399,
+    31); eval_chunk_texts: texts per chunk of the full evaluation (its unit of resumption).
+    RE: re_mlp, the head's layers (1 or 2); re_loss, "cls" (the reference's default) or "rank".
     """
 
     num_answers: int = 3129
     nlvr2_variant: str = "paired-attn"
     head_lr_mul: float = 1.0
     max_txt_len: int = 60
+    margin: float = 0.2
+    hard_negatives: bool = False
+    negatives: int = 1
+    hard_positives: int = 1
+    negative_size: int = 399
+    hard_neg_size: int = 31
+    eval_chunk_texts: int = 64
+    re_mlp: int = 1
+    re_loss: str = "cls"
 
     def __post_init__(self) -> None:
         if self.num_answers < 1:
@@ -328,9 +345,27 @@ class FinetuneConfig:
             raise ValueError(f"finetune.head_lr_mul must be positive, got {self.head_lr_mul}")
         if self.max_txt_len < 1:
             raise ValueError(f"finetune.max_txt_len must be at least 1, got {self.max_txt_len}")
+        for name in ("negatives", "hard_positives", "negative_size", "hard_neg_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"finetune.{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_chunk_texts < 1:
+            raise ValueError(
+                f"finetune.eval_chunk_texts must be at least 1, got {self.eval_chunk_texts}"
+            )
+        if self.hard_neg_size > self.negative_size:
+            raise ValueError(
+                f"finetune.hard_neg_size ({self.hard_neg_size}) cannot exceed negative_size "
+                f"({self.negative_size}): the hard negatives are chosen among them"
+            )
+        if not self.margin > 0:
+            raise ValueError(f"finetune.margin must be positive, got {self.margin}")
+        if self.re_mlp not in (1, 2):
+            raise ValueError(f"finetune.re_mlp must be 1 or 2, got {self.re_mlp}")
+        if self.re_loss not in ("cls", "rank"):
+            raise ValueError(f"finetune.re_loss must be cls or rank, got {self.re_loss!r}")
 
 
-RUN_TASKS = ("pretrain", "vqa", "ve", "nlvr2")  # uniter_fast.train.tasks
+RUN_TASKS = ("pretrain", "vqa", "ve", "nlvr2", "retrieval", "re")  # uniter_fast.train.tasks
 KERNEL_BACKENDS = ("auto", "reference", "triton")
 # The names of uniter_fast.model.attention.ATTENTION_BACKENDS (kept here: config imports no torch)
 ATTENTION_BACKENDS = ("auto", "flash", "varlen", "sdpa", "eager")

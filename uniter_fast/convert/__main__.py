@@ -3,15 +3,20 @@
     python -m uniter_fast.convert lmdb --img-db IMG_DB --txt-db TXT_DB --out DIR
     python -m uniter_fast.convert butd-tsv --tsv FILE [--tsv FILE ...] --captions JSON \\
         --vocab vocab.txt --fields image_id,image_w,image_h,num_boxes,boxes,features,cls_prob \\
-        --out DIR
+        [--karpathy-split SPLIT[,SPLIT...]] --out DIR
     python -m uniter_fast.convert npz-captions --npz-dir DIR --captions JSON --vocab vocab.txt \\
-        --out DIR
+        [--karpathy-split SPLIT[,SPLIT...]] --out DIR
     python -m uniter_fast.convert task-lmdb --task vqa|ve|nlvr2 --img-db IMG_DB --txt-db TXT_DB \\
         --out DIR
     python -m uniter_fast.convert vqa-json --questions JSON [--annotations JSON] --npz-dir DIR \\
         --vocab vocab.txt --out DIR
     python -m uniter_fast.convert ve-jsonl --jsonl FILE --npz-dir DIR --vocab vocab.txt --out DIR
     python -m uniter_fast.convert nlvr2-jsonl --jsonl FILE --npz-dir DIR --vocab vocab.txt --out DIR
+    python -m uniter_fast.convert re-refs --refs REFS.p|REFS.json --instances JSON \\
+        --split train|val|testA|testB|test --gt-npz-dir DIR --det-npz-dir DIR --vocab vocab.txt \\
+        --out DIR
+    python -m uniter_fast.convert re-lmdb --txt-db TXT_DB --gt-img-db IMG_DB --det-img-db IMG_DB \\
+        [--split SPLIT] --out DIR
     python -m uniter_fast.convert verify DIR_OR_PATTERN [--manifest PATH] [--deep]
 
 `python -m uniter_fast.convert SUBCOMMAND --help` explains each. Exit status: 0 done (verify:
@@ -105,6 +110,15 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-regions", type=_positive_int, default=MAX_REGIONS, help="(100)")
 
 
+def _karpathy_split(text: str) -> tuple[str, ...]:
+    from .captions import parse_karpathy_split
+
+    try:
+        return parse_karpathy_split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_caption_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("captions")
     g.add_argument(
@@ -112,7 +126,17 @@ def _add_caption_args(p: argparse.ArgumentParser) -> None:
         type=Path,
         required=True,
         help='COCO-style caption JSON: {"images": [{"id", "file_name", "width", "height"}], '
-        '"annotations": [{"image_id", "caption"}]}',
+        '"annotations": [{"image_id", "caption"}]}; or one of Karpathy\'s split files '
+        "(dataset_coco.json, dataset_flickr30k.json) with --karpathy-split",
+    )
+    g.add_argument(
+        "--karpathy-split",
+        type=_karpathy_split,
+        default=None,
+        metavar="SPLIT[,SPLIT...]",
+        help="the splits of Karpathy's split file to convert, among train, restval, val, test "
+        "(e.g. train,restval); required for those files, refused for COCO ones. Image id: "
+        "cocoid, else the filename stem (Flickr30k); caption ids: sentid; text: raw",
     )
     g.add_argument(
         "--vocab",
@@ -252,6 +276,73 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
 
     p = sub.add_parser(
+        "re-refs",
+        help="refer's refs(unc).p / refs(umd).p + COCO instances + per-image .npz -> re shards",
+        description=_wrap(
+            "Convert the public referring-expression files (RefCOCO, RefCOCO+, RefCOCOg) into "
+            "re task shards: one sample per image with its ground-truth boxes (one region per "
+            "COCO annotation, in annotation order), its detected boxes and every referring "
+            "sentence of --split about it (target: the referred annotation's index). The refs "
+            "pickle is read by a restricted unpickler: plain lists, dicts, strings and numbers "
+            "only; a pickle asking for any class or function is refused. Features: "
+            "<id>.npz or the reference's visual_grounding_coco_gt_<id:012>.npz / "
+            "visual_grounding_det_coco_<id:012>.npz; see uniter_fast/convert/refexp.py."
+        ),
+        epilog=_wrap(
+            "Resumable and atomic like every conversion; images whose ground-truth region count "
+            "differs from their annotation count, and other bad entries, are skipped and counted "
+            "by reason in DIR/manifest.json. The region options apply to the detected boxes; "
+            "ground-truth boxes are all kept."
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--refs", type=Path, required=True, help="refs(unc).p / refs(umd).p, or a JSON export"
+    )
+    p.add_argument("--instances", type=Path, required=True, help="COCO instances.json")
+    p.add_argument(
+        "--split",
+        required=True,
+        choices=("train", "val", "testA", "testB", "test"),
+        help="the refs' split to convert",
+    )
+    p.add_argument("--gt-npz-dir", type=Path, required=True, help=".npz of ground-truth boxes")
+    p.add_argument("--det-npz-dir", type=Path, required=True, help=".npz of detected boxes")
+    p.add_argument("--vocab", type=Path, required=True, help="WordPiece vocab.txt")
+    p.add_argument("--lowercase", action="store_true", help="uncased vocabularies")
+    _add_output_args(p)
+
+    p = sub.add_parser(
+        "re-lmdb",
+        help="the reference's RE txt_db + ground-truth and detected img_dbs -> re shards",
+        description=_wrap(
+            "Convert the reference's referring-expression databases into re task shards: the "
+            "text DB (lz4 msgpack examples keyed by sent_id, with images.json, refs.json, "
+            "annotations.json, meta.json beside it) and the image DBs keyed "
+            "visual_grounding_coco_gt_<id:012>.npz (--gt-img-db) and "
+            "visual_grounding_det_coco_<id:012>.npz (--det-img-db). One sample per image; "
+            "target = images[image_id].ann_ids.index(ann_id); see "
+            "uniter_fast/convert/refexp.py."
+        ),
+        epilog=_wrap(
+            "Resumable and atomic; bad entries skipped and counted by reason. The region options "
+            "apply to the detected boxes; ground-truth boxes are all kept."
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("--txt-db", type=Path, required=True, help="RE text DB (LMDB + JSON files)")
+    p.add_argument("--gt-img-db", type=Path, required=True, help="ground-truth box image DB")
+    p.add_argument("--det-img-db", type=Path, required=True, help="detected box image DB")
+    p.add_argument(
+        "--split",
+        choices=("train", "val", "testA", "testB", "test"),
+        default=None,
+        help="keep only examples whose ref (refs.json) is of this split (default: all; the "
+        "reference writes one text DB per split)",
+    )
+    _add_output_args(p)
+
+    p = sub.add_parser(
         "vqa-json",
         help="VQA v2 questions (+ annotations) JSON + per-image .npz -> vqa task shards",
         description=_wrap(
@@ -303,6 +394,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _source(args: argparse.Namespace, dataset: str, policy: RegionPolicy):
+    if args.command == "re-refs":
+        from .refexp import RefsSource
+
+        return RefsSource(
+            args.refs,
+            args.instances,
+            args.split,
+            args.gt_npz_dir,
+            args.det_npz_dir,
+            args.vocab,
+            dataset=dataset,
+            lowercase=args.lowercase,
+            policy=policy,
+        )
+    if args.command == "re-lmdb":
+        from .refexp import ReLmdbSource
+
+        return ReLmdbSource(
+            args.txt_db,
+            args.gt_img_db,
+            args.det_img_db,
+            split=args.split,
+            dataset=dataset,
+            policy=policy,
+        )
     if args.command == "task-lmdb":
         from .tasks import TaskLmdbSource
 
@@ -357,6 +473,7 @@ def _source(args: argparse.Namespace, dataset: str, policy: RegionPolicy):
             lowercase=args.lowercase,
             missing_soft_labels=args.missing_soft_labels,
             policy=policy,
+            karpathy_split=args.karpathy_split,
         )
     from .captions import NpzCaptionsSource
 
@@ -367,6 +484,7 @@ def _source(args: argparse.Namespace, dataset: str, policy: RegionPolicy):
         dataset=dataset,
         lowercase=args.lowercase,
         missing_soft_labels=args.missing_soft_labels,
+        karpathy_split=args.karpathy_split,
         policy=policy,
     )
 

@@ -39,6 +39,7 @@ from .captions import (
     UNIFORM_WARNING,
     CocoCaptions,
     WordPiece,
+    parse_karpathy_split,
     tokenize_captions,
 )
 from .common import (
@@ -116,6 +117,7 @@ class ButdTsvSource(Source):
         missing_soft_labels: str = "refuse",
         policy: RegionPolicy | None = None,
         vocab: Vocab = BERT_BASE_CASED,
+        karpathy_split: str | tuple[str, ...] | None = None,
     ) -> None:
         if missing_soft_labels not in MISSING_SOFT_LABELS:
             raise ValueError(f"missing_soft_labels must be one of {MISSING_SOFT_LABELS}")
@@ -123,6 +125,7 @@ class ButdTsvSource(Source):
             raise ValueError("ButdTsvSource needs at least one TSV file")
         self.tsv_files = [Path(p) for p in tsv_files]
         self.captions_path = Path(captions)
+        self.karpathy_split = karpathy_split  # Karpathy's split files: the splits to read
         self.vocab_file = Path(vocab_file)
         self.dataset = dataset
         self.fields = parse_fields(fields)
@@ -153,7 +156,7 @@ class ButdTsvSource(Source):
         # default 128 KiB field limit.
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         self.tokenizer = WordPiece(self.vocab_file, lowercase=self.lowercase, vocab=self.vocab)
-        self.coco = CocoCaptions(self.captions_path)
+        self.coco = CocoCaptions(self.captions_path, karpathy_split=self.karpathy_split)
         captioned = [img for img in self.coco.images if img.captions]
         self._captioned = [img.image_id for img in captioned]
         self._index = {img.image_id: (i, img) for i, img in enumerate(captioned)}
@@ -165,6 +168,9 @@ class ButdTsvSource(Source):
             "arguments": {
                 "tsv": [str(p.resolve()) for p in self.tsv_files],
                 "captions": str(self.captions_path.resolve()),
+                "karpathy_split": (
+                    list(parse_karpathy_split(self.karpathy_split)) if self.karpathy_split else None
+                ),
                 "vocab": str(self.vocab_file.resolve()),
                 "fields": list(self.fields),
                 "lowercase": self.lowercase,

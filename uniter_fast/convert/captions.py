@@ -8,6 +8,12 @@ Caption JSON (COCO): `{"images": [{"id", "file_name", "width", "height"}, ...],
 "annotations": [{"id", "image_id", "caption"}, ...]}`. Without "images", the images are the
 annotations' `image_id`s. Images go in order of id; an image's captions in annotation order.
 
+Or Karpathy's split files (`dataset_coco.json`, `dataset_flickr30k.json`, the retrieval splits):
+`{"images": [{"filename", "cocoid" (COCO only), "split", "sentences": [{"raw", "sentid"}]}]}`,
+read with `--karpathy-split` (e.g. `train,restval`; required for these files, refused for COCO
+ones): only the images of those splits are kept. Image id: `cocoid`, else the filename's stem
+(Flickr30k's `1000092795.jpg` -> `1000092795`); caption ids: `sentid`; text: `raw`.
+
 Tokenisation: `tokenizers.BertWordPieceTokenizer` over `--vocab` (BERT normalisation: clean
 text, split Chinese characters; cased unless `--lowercase`, which also strips accents as BERT's
 uncased models do). No [CLS]/[SEP] is stored: the task builders add them. The vocab file must
@@ -25,7 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +60,15 @@ from .common import (
     units_in_order,
 )
 
-__all__ = ["CaptionImage", "CocoCaptions", "NpzCaptionsSource", "WordPiece"]
+__all__ = [
+    "KARPATHY_SPLITS",
+    "CaptionFile",
+    "CaptionImage",
+    "CocoCaptions",
+    "NpzCaptionsSource",
+    "WordPiece",
+    "parse_karpathy_split",
+]
 
 _NPZ_FIELDS = ("features", "norm_bb", "boxes", "conf", "soft_labels", "image_w", "image_h")
 MISSING_SOFT_LABELS = ("refuse", "uniform")
@@ -78,27 +93,114 @@ class CaptionImage:
     captions: list[tuple[str, str | None]] = field(default_factory=list)
 
 
-class CocoCaptions:
-    """A COCO-style caption JSON, images sorted by id (numerically when all ids are integers).
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
+
+def parse_karpathy_split(text: str | Sequence[str]) -> tuple[str, ...]:
+    """The splits of `--karpathy-split` ("train,restval" -> ("train", "restval")); ValueError
+    for an empty or unknown one."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    bad = [n for n in names if n not in KARPATHY_SPLITS]
+    if not names or bad:
+        raise ValueError(
+            f"--karpathy-split takes splits among {', '.join(KARPATHY_SPLITS)} separated by ',', "
+            f"got {text!r}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class CaptionFile:
+    """A caption JSON and, for Karpathy's split files, the splits to read from it.
+
+    Accepted by `CocoCaptions` wherever a path is; path-like (`os.fspath`, `resolve()`), so a
+    source that keeps its caption path and hands it to `CocoCaptions` as it is carries the
+    splits along.
+    """
+
+    path: Path
+    karpathy_split: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.karpathy_split is not None:
+            object.__setattr__(self, "karpathy_split", parse_karpathy_split(self.karpathy_split))
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def resolve(self) -> Path:
+        return self.path.resolve()
+
+
+def _is_karpathy(obj: Any) -> bool:
+    """Karpathy's layout: no "annotations"; images carry their own "sentences"."""
+    return (
+        isinstance(obj, dict)
+        and "annotations" not in obj
+        and isinstance(images := obj.get("images"), list)
+        and any(isinstance(e, dict) and "sentences" in e for e in images)
+    )
+
+
+class CocoCaptions:
+    """A COCO-style caption JSON, or the chosen splits of a Karpathy split file (module
+    docstring); images sorted by id (numerically when all ids are integers).
+
+    path: the JSON, or a `CaptionFile` naming it and its Karpathy splits.
+    karpathy_split: the Karpathy splits to keep (required for those files, refused for COCO's).
     images: the sorted `CaptionImage`s. by_id: image id string -> CaptionImage.
     dangling: (annotation id, image id) of captions whose image is not listed.
     duplicates: image ids listed more than once (the first entry is kept).
+    excluded: Karpathy files: the images of the splits not chosen (no captions read).
+    split_counts: Karpathy files: images per split in the whole file.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | CaptionFile,
+        karpathy_split: Sequence[str] | None = None,
+    ) -> None:
+        if isinstance(path, CaptionFile):
+            path, karpathy_split = path.path, karpathy_split or path.karpathy_split
         self.path = Path(path)
+        self.karpathy_split = (
+            None if karpathy_split is None else parse_karpathy_split(karpathy_split)
+        )
         try:
             obj = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConvertError(f"{self.path}: cannot read the caption JSON ({e})") from None
+        self.by_id: dict[str, CaptionImage] = {}
+        self.duplicates: list[str] = []
+        self.dangling: list[tuple[str, str]] = []
+        self.excluded: list[CaptionImage] = []
+        self.split_counts: dict[str, int] = {}
+        if _is_karpathy(obj):
+            if self.karpathy_split is None:
+                raise ConvertError(
+                    f"{self.path} is one of Karpathy's split files: choose its splits with "
+                    "--karpathy-split (e.g. train,restval for COCO training, test for "
+                    "evaluation)"
+                )
+            raw_ids = self._read_karpathy(obj)
+        else:
+            if self.karpathy_split is not None:
+                raise ConvertError(
+                    f"{self.path} is a COCO caption JSON, not one of Karpathy's split files: "
+                    "--karpathy-split does not apply to it"
+                )
+            raw_ids = self._read_coco(obj)
+        numeric = all(type(v) is int for v in raw_ids.values())
+        order = sorted(raw_ids, key=(lambda k: raw_ids[k]) if numeric else None)
+        self.images = [self.by_id[k] for k in order]
+
+    def _read_coco(self, obj: Any) -> dict[str, Any]:
         if not isinstance(obj, dict) or not isinstance(obj.get("annotations"), list):
             raise ConvertError(f'{self.path}: expected an object with an "annotations" list')
         raw_images = obj.get("images")
         if raw_images is not None and not isinstance(raw_images, list):
             raise ConvertError(f'{self.path}: "images" must be a list')
-        self.by_id: dict[str, CaptionImage] = {}
-        self.duplicates: list[str] = []
         raw_ids: dict[str, Any] = {}
         for i, entry in enumerate(raw_images or []):
             if not isinstance(entry, dict) or "id" not in entry:
@@ -114,7 +216,6 @@ class CocoCaptions:
                 width=entry.get("width"),
                 height=entry.get("height"),
             )
-        self.dangling: list[tuple[str, str]] = []
         for i, ann in enumerate(obj["annotations"]):
             if not isinstance(ann, dict) or "image_id" not in ann:
                 raise ConvertError(f'{self.path}: annotations[{i}] has no "image_id"')
@@ -129,21 +230,81 @@ class CocoCaptions:
                 raw_ids[key] = ann["image_id"]
                 self.by_id[key] = CaptionImage(image_id=key)
             self.by_id[key].captions.append((ann_id, caption))
-        numeric = all(type(v) is int for v in raw_ids.values())
-        order = sorted(raw_ids, key=(lambda k: raw_ids[k]) if numeric else None)
-        self.images = [self.by_id[k] for k in order]
+        return raw_ids
+
+    def _read_karpathy(self, obj: dict) -> dict[str, Any]:
+        wanted = set(self.karpathy_split or ())
+        counts: Counter[str] = Counter()
+        raw_ids: dict[str, Any] = {}
+        for i, entry in enumerate(obj["images"]):
+            where = f"{self.path}: images[{i}]"
+            if not isinstance(entry, dict):
+                raise ConvertError(f"{where} is not an object")
+            split, filename, cocoid = entry.get("split"), entry.get("filename"), entry.get("cocoid")
+            if not isinstance(split, str):
+                raise ConvertError(f'{where} has no "split" string')
+            if filename is not None and not isinstance(filename, str):
+                raise ConvertError(f'{where}: "filename" is {filename!r}, expected a string')
+            if cocoid is not None:
+                if type(cocoid) is not int:
+                    raise ConvertError(f'{where}: "cocoid" is {cocoid!r}, expected an integer')
+                raw = cocoid
+            elif filename:
+                raw = Path(filename).stem  # Flickr30k: features are named by this stem
+            else:
+                raise ConvertError(f'{where} has neither "cocoid" nor "filename"')
+            counts[split] += 1
+            key = str(raw)
+            image = CaptionImage(image_id=key, file_name=filename)
+            if split not in wanted:
+                self.excluded.append(image)
+                continue
+            if key in self.by_id:
+                self.duplicates.append(key)
+                continue
+            sentences = entry.get("sentences")
+            if not isinstance(sentences, list):
+                raise ConvertError(f'{where} (image {key}): "sentences" is not a list')
+            for j, sent in enumerate(sentences):
+                sent = sent if isinstance(sent, dict) else {}
+                sid, text = sent.get("sentid"), sent.get("raw")
+                cid = f"{key}/{j}" if sid is None or isinstance(sid, bool) else str(sid)
+                image.captions.append((cid, text if isinstance(text, str) else None))
+            raw_ids[key] = raw
+            self.by_id[key] = image
+        self.split_counts = dict(sorted(counts.items()))
+        if not raw_ids:
+            found = ", ".join(f"{k} {v}" for k, v in self.split_counts.items()) or "none"
+            raise ConvertError(
+                f"{self.path}: no image in Karpathy split(s) {','.join(self.karpathy_split or ())}"
+                f" (images per split in the file: {found})"
+            )
+        return raw_ids
 
     def warnings(self) -> list[str]:
-        """What a converter reading this file should warn about (duplicated image ids)."""
-        if not self.duplicates:
-            return []
-        return [
-            f"{self.path}: {len(self.duplicates)} image id(s) listed more than once, the first "
-            f"entry kept (e.g. {', '.join(self.duplicates[:5])})"
-        ]
+        """What a converter reading this file should warn about (duplicated image ids, chosen
+        Karpathy splits the file does not have)."""
+        lines = []
+        if self.duplicates:
+            lines.append(
+                f"{self.path}: {len(self.duplicates)} image id(s) listed more than once, the "
+                f"first entry kept (e.g. {', '.join(self.duplicates[:5])})"
+            )
+        absent = [s for s in self.karpathy_split or () if s not in self.split_counts]
+        if absent:
+            lines.append(
+                f"{self.path}: no image in Karpathy split(s) {', '.join(absent)} (the file has "
+                f"{', '.join(self.split_counts)})"
+            )
+        return lines
 
     def fingerprint(self) -> dict:
-        return input_fingerprint(self.path)
+        """What identifies this input (a resumed conversion must read the same): the file,
+        and the chosen Karpathy splits."""
+        info = input_fingerprint(self.path)
+        if self.karpathy_split is not None:
+            info["karpathy_split"] = list(self.karpathy_split)
+        return info
 
 
 class WordPiece:
@@ -277,16 +438,28 @@ def regions_from_arrays(
 
 
 def task_regions(
-    arrays: dict[str, Any], policy: RegionPolicy, where: str
+    arrays: dict[str, Any],
+    policy: RegionPolicy,
+    where: str,
+    *,
+    width: float | None = None,
+    height: float | None = None,
+    keep_order: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(float16 features, float32 boxes, confidence source) of the kept regions of one image's
-    decoded arrays, for
-    the task shards (which store no soft labels: missing ones are no reason to skip). Raises
-    SkipRecord naming `where` (the image's file or key) for bad input."""
+    decoded arrays, for the task shards (which store no soft labels: missing ones are no reason
+    to skip). Raises SkipRecord naming `where` (the image's file or key) for bad input.
+
+    width, height: the image size in pixels for pixel `boxes` (else the arrays' image_w/h).
+    keep_order: keep the first `policy.max_regions` regions in source order, ignoring the
+    confidences (ground-truth boxes, one per annotation, whose order is meaningful).
+    """
     try:
         features, loc, conf, soft, conf_source = regions_from_arrays(
-            arrays, width=None, height=None, missing_soft_labels="uniform"
+            arrays, width=width, height=height, missing_soft_labels="uniform"
         )
+        if keep_order:
+            conf, conf_source = None, "file_order"
         feat, loc, _ = select_regions(
             features=features, loc=loc, conf=conf, soft=soft, policy=policy
         )
@@ -322,7 +495,8 @@ def _scalar(value: Any, name: str) -> float:
 
 
 class NpzCaptionsSource(Source):
-    """A directory of per-image .npz features plus a COCO caption JSON (module docstring)."""
+    """A directory of per-image .npz features plus a COCO caption JSON, or the chosen splits
+    of a Karpathy split file (module docstring)."""
 
     kind = "npz-captions"
 
@@ -335,6 +509,7 @@ class NpzCaptionsSource(Source):
         dataset: str,
         lowercase: bool = False,
         missing_soft_labels: str = "refuse",
+        karpathy_split: Sequence[str] | None = None,
         policy: RegionPolicy | None = None,
         vocab: Vocab = BERT_BASE_CASED,
     ) -> None:
@@ -342,6 +517,9 @@ class NpzCaptionsSource(Source):
             raise ValueError(f"missing_soft_labels must be one of {MISSING_SOFT_LABELS}")
         self.npz_dir = Path(npz_dir)
         self.captions_path = Path(captions)
+        self.karpathy_split = (
+            None if karpathy_split is None else parse_karpathy_split(karpathy_split)
+        )
         self.vocab_file = Path(vocab_file)
         self.dataset = dataset
         self.lowercase = lowercase
@@ -353,7 +531,7 @@ class NpzCaptionsSource(Source):
         if not self.npz_dir.is_dir():
             raise ConvertError(f"{self.npz_dir}: not a directory")
         self.tokenizer = WordPiece(self.vocab_file, lowercase=self.lowercase, vocab=self.vocab)
-        self.coco = CocoCaptions(self.captions_path)
+        self.coco = CocoCaptions(self.captions_path, self.karpathy_split)
         # One listing instead of a stat per image; sorted so that every count is reproducible.
         self._npz = sorted(e.name for e in os.scandir(self.npz_dir) if e.name.endswith(".npz"))
         self._npz_set = set(self._npz)
@@ -370,6 +548,8 @@ class NpzCaptionsSource(Source):
                 "vocab": str(self.vocab_file.resolve()),
                 "lowercase": self.lowercase,
                 "missing_soft_labels": self.missing_soft_labels,
+                # Only when given: a COCO conversion's identity (and journal) stays as it was.
+                **({"karpathy_split": list(self.karpathy_split)} if self.karpathy_split else {}),
             },
             "inputs": [
                 self.coco.fingerprint(),
@@ -430,8 +610,8 @@ class NpzCaptionsSource(Source):
 
     def final_counts(self, stats: Stats) -> None:
         # Images listed without captions were units already; these are .npz files that no
-        # listed image points to.
-        used = {self._npz_name(img) for img in self.coco.images}
+        # listed image points to (a Karpathy file's images of other splits are not counted).
+        used = {self._npz_name(img) for img in (*self.coco.images, *self.coco.excluded)}
         unused = [name for name in self._npz if name not in used]
         stats.skip_many("no_caption", unused, "is an .npz no image of the caption JSON names")
         for ann_id, image_id in self.coco.dangling:

@@ -12,6 +12,13 @@ one. The tasks:
   are drawn uniformly first. Chance: 1/3.
 - NLVR2: a statement naming a concept: true when either image of the pair shows it. Drawn
   balanced. Chance: 1/2.
+- RE: an image of 4..10 ground-truth boxes, each showing one concept at a random place; an
+  expression names a concept that exactly one box shows, and that box is the target. The
+  detected boxes are the ground-truth ones jittered a little (IoU with their own box above 0.5)
+  plus 2..5 distractors, shuffled. Chance: the mean of 1 / boxes.
+- Retrieval: the pretraining synthetic shards (`uniter_fast.data.synthetic`) with short
+  captions that name every concept an image shows (`RETRIEVAL_SPEC`). Chance of recall@1:
+  1 / images of the split.
 
     write_task_data(out_dir / "train", "vqa", images=600, seed=0)
 """
@@ -23,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .schema import BERT_BASE_CASED, IMG_DIM
+from .synthetic import SyntheticSpec, write_synthetic
 from .task_shards import TaskRecord, write_task_shards
 
 CONCEPTS = 8
@@ -31,8 +39,15 @@ _WORD = BERT_BASE_CASED.word_start + 100  # concept c is the word _WORD + c
 _MAYBE = _WORD + 50
 _FILLER = (_WORD + 60, _WORD + 80)  # filler words are drawn from this range
 
-CHANCE = {"vqa": 1 / CONCEPTS, "ve": 1 / 3, "nlvr2": 1 / 2}
-NUM_CLASSES = {"vqa": CONCEPTS, "ve": 3, "nlvr2": 2}
+_RE_BOXES = (4, 10)  # ground-truth boxes per RE image, inclusive
+CHANCE = {
+    "vqa": 1 / CONCEPTS,
+    "ve": 1 / 3,
+    "nlvr2": 1 / 2,
+    "re": float(np.mean([1 / n for n in range(_RE_BOXES[0], _RE_BOXES[1] + 1)])),
+}
+NUM_CLASSES = {"vqa": CONCEPTS, "ve": 3, "nlvr2": 2, "re": None}
+RE_SIZE = (640, 480)  # the synthetic images' width and height in pixels
 
 
 def _prototypes(img_dim: int) -> np.ndarray:
@@ -106,6 +121,55 @@ def _nlvr2_items(rng, key: str, left: np.ndarray, right: np.ndarray) -> list[dic
     return items
 
 
+def _boxes_loc(xy: np.ndarray, wh: np.ndarray) -> np.ndarray:
+    return np.concatenate([xy, xy + wh, wh, wh[:, :1] * wh[:, 1:]], axis=1).astype(np.float32)
+
+
+def _re_record(rng, protos, key: str) -> TaskRecord:
+    n = int(rng.integers(_RE_BOXES[0], _RE_BOXES[1] + 1))
+    concept = rng.integers(CONCEPTS, size=n)
+    # At least one concept shown by exactly one box: force box 0's concept to be unique.
+    concept[1:][concept[1:] == concept[0]] = (concept[0] + 1) % CONCEPTS
+    unique = [r for r in range(n) if (concept == concept[r]).sum() == 1]
+    wh = 0.1 + rng.random((n, 2)) * 0.3
+    xy = rng.random((n, 2)) * (1 - wh)
+    feat = protos[concept] + 0.5 * rng.standard_normal((n, protos.shape[1]))
+    # Detected: each ground-truth box jittered by at most 5% of its size, plus distractors.
+    jit_wh = wh * (1 + rng.uniform(-0.05, 0.05, size=wh.shape))
+    jit_xy = np.clip(xy + wh * rng.uniform(-0.05, 0.05, size=xy.shape), 0, 1 - jit_wh)
+    k = int(rng.integers(2, 6))
+    d_wh = 0.1 + rng.random((k, 2)) * 0.3
+    d_xy = rng.random((k, 2)) * (1 - d_wh)
+    d_concept = rng.integers(CONCEPTS, size=k)
+    det_feat = np.concatenate([protos[concept], protos[d_concept]])
+    det_feat = det_feat + 0.5 * rng.standard_normal(det_feat.shape)
+    det_loc = _boxes_loc(np.concatenate([jit_xy, d_xy]), np.concatenate([jit_wh, d_wh]))
+    order = rng.permutation(n + k)
+    width, height = RE_SIZE
+    items = []
+    for j in range(int(rng.integers(1, 4))):
+        r = int(rng.choice(unique))
+        ids = [*_filler(rng, int(rng.integers(1, 4))), _WORD + int(concept[r])]
+        bbox = [
+            float(xy[r, 0] * width),
+            float(xy[r, 1] * height),
+            float(wh[r, 0] * width),
+            float(wh[r, 1] * height),
+        ]
+        items.append({"id": f"{key}-e{j}", "input_ids": ids, "target": r, "bbox": bbox})
+    meta = {"image_id": key, "width": width, "height": height, "ann_ids": list(range(n))}
+    return TaskRecord(
+        key,
+        "re",
+        [
+            (feat.astype(np.float16), _boxes_loc(xy, wh)),
+            (det_feat[order].astype(np.float16), det_loc[order]),
+        ],
+        items,
+        meta,
+    )
+
+
 def task_records(task: str, images: int, *, seed: int, img_dim: int = IMG_DIM):
     """`images` TaskRecords of `task` (NLVR2: image pairs), deterministic in `seed`."""
     if task not in NUM_CLASSES:
@@ -114,6 +178,9 @@ def task_records(task: str, images: int, *, seed: int, img_dim: int = IMG_DIM):
     rng = np.random.default_rng(seed)
     for i in range(images):
         key = f"syn{task}-{seed}-{i:06d}"
+        if task == "re":
+            yield _re_record(rng, protos, key)
+            continue
         feat, loc, concept = _image(rng, protos)
         if task == "nlvr2":
             feat1, loc1, concept1 = _image(rng, protos)
@@ -125,8 +192,29 @@ def task_records(task: str, images: int, *, seed: int, img_dim: int = IMG_DIM):
             yield TaskRecord(key, task, [(feat, loc)], items, {"image_id": key})
 
 
-def write_task_data(out_dir: str | Path, task: str, images: int, *, seed: int) -> list[dict]:
+# Retrieval's world: more concepts than the other tasks', 2 or 3 per image, named by captions of
+# 3..8 tokens, few regions; nearly every image shows its own set of concepts.
+RETRIEVAL_SPEC = SyntheticSpec(
+    num_concepts=12,
+    min_objects=1,
+    max_objects=2,
+    min_regions=8,
+    max_regions=16,
+    median_regions=10,
+    captions_per_image=2,
+    min_caption_tokens=3,
+    max_caption_tokens=8,
+    median_caption_tokens=4,
+    max_clause_fillers=1,
+)
+
+
+def write_task_data(out_dir: str | Path, task: str, images: int, *, seed: int) -> list:
     """Write `images` synthetic samples of `task` as shards under `out_dir`."""
+    if task == "retrieval":
+        return write_synthetic(
+            out_dir, images, seed=seed, spec=RETRIEVAL_SPEC, prefix="synthetic-retrieval"
+        )
     return write_task_shards(
         out_dir,
         task_records(task, images, seed=seed),
@@ -135,4 +223,12 @@ def write_task_data(out_dir: str | Path, task: str, images: int, *, seed: int) -
     )
 
 
-__all__ = ["CHANCE", "CONCEPTS", "NUM_CLASSES", "task_records", "write_task_data"]
+__all__ = [
+    "CHANCE",
+    "CONCEPTS",
+    "NUM_CLASSES",
+    "RETRIEVAL_SPEC",
+    "RE_SIZE",
+    "task_records",
+    "write_task_data",
+]

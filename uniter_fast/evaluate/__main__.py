@@ -5,6 +5,12 @@ r"""Evaluate a fine-tuned model on task shards: metrics.json and the server's pr
     python -m uniter_fast.evaluate --task nlvr2 --checkpoint model.pt --model-config \
         configs/model/uniter-base.json --data 'shards/nlvr2/dev-*.tar' --output eval/nlvr2-dev
     torchrun --nproc_per_node 8 -m uniter_fast.evaluate ...     # the split dealt over ranks
+    python -m uniter_fast.evaluate --task retrieval --checkpoint uniter-base.pt \
+        --model-config configs/model/uniter-base.json --data 'shards/flickr_test/*.tar' \
+        --output eval/flickr-test-zeroshot          # zero-shot: a pretraining checkpoint
+    python -m uniter_fast.evaluate --task re --checkpoint runs/refcoco+ \
+        --data val='shards/refcoco+/val-*.tar' testA='shards/refcoco+/testA-*.tar' \
+        testB='shards/refcoco+/testB-*.tar' --output eval/refcoco+
 
 --checkpoint: a run folder (its `model_reference.pt` and `config.yaml` give the weights, the
 model config and the task's settings) or a weights file in any layout `load_pretrained` reads
@@ -12,6 +18,18 @@ model config and the task's settings) or a weights file in any layout `load_pret
 when the split has targets, and for NLVR2 consistency) and the predictions (see
 `uniter_fast.evaluate.formats`). Packed batches sorted by length; progress with an ETA on
 stderr; bad samples skipped and counted in metrics.json.
+
+Retrieval (`uniter_fast.tasks.retrieval`): every text of the split against every image, in
+chunks of --chunk-texts texts written under OUTPUT/chunks/ as they finish (ranks take every
+W-th chunk); run the same command again after an interruption and it scores only the chunks
+not yet written. Then `scores.npy` (float32 [texts, images]), `scores_ids.json` (the row and
+column ids) and recall@1/5/10 of image and text retrieval in metrics.json. A pretraining
+checkpoint evaluates zero-shot (its ITM "match" row becomes the rank head).
+
+Referring expressions (`uniter_fast.tasks.refexp`): --data takes NAME=PATTERN entries, one per
+split (val, testA, testB; RefCOCOg val, test); each is scored with its ground-truth boxes and
+its detected boxes (--features). metrics.json holds the IoU accuracy of each split and feature
+set, `predictions_<split>_<features>.json` each expression's chosen region and box.
 """
 
 from __future__ import annotations
@@ -20,6 +38,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,11 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", help="model JSON (default: the run folder's)")
     p.add_argument("--num-answers", type=int, help="VQA answers (default: the run's, or 3129)")
     p.add_argument("--nlvr2-variant", choices=["paired-attn", "paired", "triplet"])
+    p.add_argument("--re-mlp", type=int, choices=[1, 2], help="RE: the head's layers (default 1)")
     p.add_argument("--answers", help="VQA: ans2label.json, to write answer strings")
     p.add_argument("--logits", action="store_true", help="VQA: also save fp16 logits")
     p.add_argument("--tokens-per-batch", type=int, default=8192)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--split", default=None, help="a name for the split in metrics.json")
+    p.add_argument(
+        "--chunk-texts",
+        type=int,
+        default=64,
+        help="retrieval: texts per chunk, the unit of resumption (64)",
+    )
+    p.add_argument(
+        "--features",
+        nargs="+",
+        choices=["gt", "det"],
+        default=["gt", "det"],
+        help="RE: which boxes to score with (ground-truth, detected; both by default)",
+    )
     return p
 
 
@@ -82,6 +115,8 @@ def _settings(args) -> tuple[RunConfig, Path, str]:
         values["finetune"]["num_answers"] = args.num_answers
     if args.nlvr2_variant is not None:
         values["finetune"]["nlvr2_variant"] = args.nlvr2_variant
+    if args.re_mlp is not None:
+        values["finetune"]["re_mlp"] = args.re_mlp
     model_config = args.model_config or (cfg.model_config if source.is_dir() else None)
     if model_config is None:
         raise ValueError("--model-config is needed with a weights file (a run folder has one)")
@@ -121,10 +156,27 @@ def evaluate(args) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
 
     model = task.build_model(cfg, UniterConfig.from_json(model_config))
-    load_pretrained(model, weights, verbose=False)
+    report = load_pretrained(model, weights, verbose=False)
+    if report.missing:
+        raise ValueError(
+            f"{weights} does not hold {len(report.missing)} of the model's weights (e.g. "
+            f"{', '.join(report.missing[:3])}): an untrained head would score at random. Is it "
+            "the task's checkpoint, with the right --model-config, --num-answers, "
+            "--nlvr2-variant or --re-mlp?"
+        )
+    for note in report.adapted:
+        log.info("checkpoint: %s", note)
     model.to(device).eval()
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model.set_attention(cfg.attention, device, cfg.varlen_dropout, dtype=dtype)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype else _null()
+    if args.task in ("retrieval", "re"):
+        run = _evaluate_retrieval if args.task == "retrieval" else _evaluate_re
+        with autocast:
+            metrics = run(args, model, weights, device, rank, world)
+        if launched:
+            dist.destroy_process_group()
+        return metrics
 
     bad = BadSamples()
     examples = read_examples(
@@ -140,7 +192,6 @@ def evaluate(args) -> dict:
     order = sorted(range(len(examples)), key=lambda i: example_tokens(examples[i], collate_task))
     batches = token_batches(examples, order, args.tokens_per_batch, collate_task)
     mine = batches[rank::world]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype else _null()
     ids, rows, losses = [], [], []
     start = time.perf_counter()
     with torch.no_grad(), autocast:
@@ -194,6 +245,158 @@ def evaluate(args) -> dict:
     metrics["predictions"] = [str(f) for f in files]
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _evaluate_retrieval(args, model, weights: Path, device, rank: int, world: int) -> dict:
+    from ..tasks.retrieval import read_retrieval_split, recall_at_k, score_matrix
+
+    bad = BadSamples()
+    split = read_retrieval_split(list_shards(args.data), bad=bad)
+    if not split.num_texts:
+        raise ValueError(f"no captions in {args.data}")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stat = weights.stat()
+    identity = f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if rank == 0:
+        log.info(
+            "retrieval: %d texts x %d images = %s pairs, chunks of %d texts, %d rank(s)",
+            split.num_texts,
+            split.num_images,
+            f"{split.num_texts * split.num_images:,}",
+            args.chunk_texts,
+            world,
+        )
+    start = time.perf_counter()
+    kill_after = _fault_chunks()
+    scores = score_matrix(
+        model,
+        split,
+        out_dir=out_dir,
+        identity=identity,
+        chunk_texts=args.chunk_texts,
+        tokens_per_batch=args.tokens_per_batch,
+        device=device,
+        rank=rank,
+        world=world,
+        barrier=dist.barrier if dist.is_initialized() else (lambda: None),
+        on_chunk=(lambda n: _kill_self() if n >= kill_after else None) if kill_after else None,
+    )
+    if rank != 0:
+        return {}
+    np.save(out_dir / "scores.npy.tmp.npy", scores)
+    os.replace(out_dir / "scores.npy.tmp.npy", out_dir / "scores.npy")
+    ids = {"texts": split.txt_ids, "images": split.img_ids}
+    (out_dir / "scores_ids.json").write_text(json.dumps(ids) + "\n")
+    recall = recall_at_k(scores, split.txt2img, split.img2txts)
+    metrics = {
+        "task": "retrieval",
+        "split": args.split,
+        "checkpoint": str(weights),
+        "data": list(args.data),
+        "texts": split.num_texts,
+        "images": split.num_images,
+        "pairs": split.num_texts * split.num_images,
+        "bad_samples": bad.by_reason(),
+        "seconds_this_invocation": time.perf_counter() - start,
+        **recall,
+        "scores": str(out_dir / "scores.npy"),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # The matrix is whole: the chunks have served (a rerun recomputes nothing).
+    for chunk in (out_dir / "chunks").glob("rows-*.npy"):
+        chunk.unlink()
+    return metrics
+
+
+def _named_splits(patterns: list[str], default: str | None) -> dict[str, list[str]]:
+    """`NAME=PATTERN` entries grouped by name; bare patterns form one split (--split or "eval")."""
+    out: dict[str, list[str]] = {}
+    for entry in patterns:
+        name, sep, pattern = entry.partition("=")
+        if not sep or "/" in name or not name:
+            name, pattern = default or "eval", entry
+        out.setdefault(name, []).append(pattern)
+    return out
+
+
+def _evaluate_re(args, model, weights: Path, device, rank: int, world: int) -> dict:
+    from ..data.task_shards import iter_task_shard
+    from ..tasks.refexp import evaluate_re, re_examples
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {
+        "task": "re",
+        "checkpoint": str(weights),
+        "data": list(args.data),
+        "splits": {},
+    }
+    start = time.perf_counter()
+    all_reduce = _all_reduce_sum if dist.is_initialized() else (lambda t: t)
+    for name, patterns in _named_splits(args.data, args.split).items():
+        bad = BadSamples()
+        records = [
+            record
+            for url in list_shards(patterns)
+            for record in iter_task_shard(url, "re", on_bad=bad.add_bad)
+        ]
+        if not records:
+            raise ValueError(f"split {name}: no referring expressions in {patterns}")
+        row: dict = {"bad_samples": bad.by_reason()}
+        for features in args.features:
+            examples = [ex for r in records for ex in re_examples(r, features=features)[0]]
+            result = evaluate_re(
+                model,
+                examples,
+                tokens_per_batch=args.tokens_per_batch,
+                device=device,
+                rank=rank,
+                world=world,
+                all_reduce=all_reduce,
+            )
+            predictions = result["predictions"]
+            if world > 1:
+                gathered = [None] * world
+                dist.all_gather_object(gathered, predictions)
+                predictions = [p for g in gathered for p in g]
+            key = "accuracy" if features == "gt" else "accuracy_detected"
+            row[key] = result["accuracy"]
+            row["examples"] = result["n"]
+            if features == "gt" and result["loss"] is not None:
+                row["loss"] = result["loss"]
+            if rank == 0:
+                path = out_dir / f"predictions_{name}_{features}.json"
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(predictions) + "\n")
+                os.replace(tmp, path)
+                row.setdefault("predictions", []).append(str(path))
+                log.info("re %s (%s boxes): accuracy %.4f", name, features, result["accuracy"])
+        metrics["splits"][name] = row
+    metrics["seconds"] = time.perf_counter() - start
+    if rank == 0:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+    return {}
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+FAULT_ENV = "UNITER_FAST_FAULT"  # "kill-eval@K": SIGKILL after K retrieval chunks (tests)
+
+
+def _fault_chunks() -> int | None:
+    name, _, count = os.environ.get(FAULT_ENV, "").partition("@")
+    return int(count) if name == "kill-eval" and count else None
+
+
+def _kill_self() -> None:
+    log.warning("fault hook %s: killing this process now", os.environ.get(FAULT_ENV))
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _null:

@@ -36,13 +36,18 @@ from ..data.task_shards import TARGET_FIELD, TaskRecord, iter_task_shard
 log = logging.getLogger("uniter_fast.train")
 
 # The collate task of each downstream task (NLVR2's triplet variant packs one sequence).
-COLLATE_TASK = {"vqa": "vqa", "ve": "ve", "nlvr2": "nlvr2"}
+COLLATE_TASK = {"vqa": "vqa", "ve": "ve", "nlvr2": "nlvr2", "re": "re"}
 
 
 def examples_of(
     record: TaskRecord, num_classes: int | None, *, max_txt_len: int | None = None
 ) -> tuple[list[dict], int]:
-    """The examples of one record, and how many texts `max_txt_len` dropped."""
+    """The examples of one record, and how many texts `max_txt_len` dropped (RE: the
+    ground-truth-box examples of `uniter_fast.tasks.refexp`)."""
+    if record.task == "re":
+        from .refexp import re_examples
+
+        return re_examples(record, features="gt", max_txt_len=max_txt_len)
     out, dropped = [], 0
     vocab = BERT_BASE_CASED
     for item in record.items:

@@ -305,16 +305,18 @@ def score_matrix(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
-    stop_after_chunks: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> np.ndarray | None:
     """The [texts, images] score matrix (float32), every text against every image.
 
-    out_dir: where the chunks go (resumable); None keeps them in memory (one process: a
-    training run's validation). identity: what else must match for chunks to be reused (the
-    checkpoint). Rank r scores chunks r, r + world, ...; every rank returns after the barrier,
-    rank 0 with the assembled matrix, the others with None. stop_after_chunks: return None after
-    scoring that many chunks (the fault hook of the resume test).
+    out_dir: where the chunks go (resumable); None keeps them in memory (a training run's
+    validation: with several ranks, `all_reduce` (a sum) assembles the matrix on every rank).
+    identity: what else must match for chunks to be reused (the checkpoint). Rank r scores
+    chunks r, r + world, ...; with out_dir, every rank returns after the barrier, rank 0 with
+    the assembled matrix, the others with None. on_chunk(n): called after each chunk this call
+    scored (n so far; the evaluation CLI's fault hook kills the process there).
     """
     device = torch.device(device)
     num_chunks = max(math.ceil(split.num_texts / chunk_texts), 1)
@@ -342,8 +344,6 @@ def score_matrix(
         if out is not None and _load_chunk(_chunk_path(out, k), shapes[k]) is not None:
             bar.skip(shapes[k][0] * split.num_images)
             continue
-        if stop_after_chunks is not None and scored >= stop_after_chunks:
-            return None
         rows = range(k * chunk_texts, k * chunk_texts + shapes[k][0])
         block = score_rows(
             forward,
@@ -358,8 +358,17 @@ def score_matrix(
         else:
             held[k] = block
         scored += 1
-    if scored:
+        if on_chunk is not None:
+            on_chunk(scored)
+    if scored and out is not None:
         log.info("retrieval: rank %d scored %d chunk(s) of %d", rank, scored, num_chunks)
+    if out is None and world > 1:
+        if all_reduce is None:
+            raise ValueError("score_matrix: several ranks without out_dir need all_reduce")
+        full = torch.zeros(split.num_texts, split.num_images, dtype=torch.float32, device=device)
+        for k, block in held.items():
+            full[k * chunk_texts : k * chunk_texts + shapes[k][0]] = torch.from_numpy(block)
+        return all_reduce(full).cpu().numpy()
     barrier()
     if rank != 0:
         return None
@@ -493,6 +502,8 @@ class HardNegativeWork:
 
     split: RetrievalSplit
     groups: list[list[tuple[int, int]]]
+    hard_neg_size: int = 31
+    tokens_per_batch: int = 8192
     device: torch.device | None = None
     pin: bool = False
 
@@ -516,9 +527,20 @@ class HardNegativeLoader(RetrievalLoader):
     directions; its sizes are 399 and one positive per GPU and micro-step). Candidates come from
     the whole split, as the reference samples them. State as `RetrievalLoader`."""
 
-    def __init__(self, *args, negative_size: int = 399, positives: int = 1, **kw):
+    def __init__(
+        self,
+        *args,
+        negative_size: int = 399,
+        hard_neg_size: int = 31,
+        positives: int = 1,
+        **kw,
+    ):
         super().__init__(*args, **kw)
-        self.negative_size, self.positives = negative_size, positives
+        self.negative_size, self.hard_neg_size, self.positives = (
+            negative_size,
+            hard_neg_size,
+            positives,
+        )
 
     def _batches(self) -> list[list[int]]:
         if self._epoch is None:
@@ -553,18 +575,18 @@ class HardNegativeLoader(RetrievalLoader):
             neg = _negatives(rng, all_txts, set(s.img2txts[i]), self.negative_size)
             groups.append([(pos, i)] + [(u, i) for u in neg])
         self.done += 1
-        return "retrieval", HardNegativeWork(s, groups, pin=self.pin)
+        work = HardNegativeWork(s, groups, self.hard_neg_size, self.tokens_per_batch, pin=self.pin)
+        return "retrieval", work
 
 
-def mine_and_train(
-    engine, work: HardNegativeWork, *, hard_neg_size: int, tokens_per_batch: int
-) -> dict:
-    """Score `work`'s candidates in eval mode without gradients (packed, `tokens_per_batch` real
-    tokens a batch), keep each group's `hard_neg_size` highest-scoring negatives, and run the
+def mine_and_train(engine, work: HardNegativeWork) -> dict:
+    """Score `work`'s candidates in eval mode without gradients (packed, `work.tokens_per_batch`
+    real tokens a batch), keep each group's `work.hard_neg_size` best-scoring negatives, run the
     training forward on [positive, hard negatives] of every group. The loss is the mean hinge
     over each direction's negatives, summed over the two directions (the reference's two
     backward passes)."""
     s = work.split
+    hard_neg_size = work.hard_neg_size
     flat = [pair for g in work.groups for pair in g]
     scores = np.empty(len(flat), dtype=np.float32)
     module = engine.module
@@ -572,7 +594,7 @@ def mine_and_train(
     engine.eval()
     with torch.no_grad():
         start = 0
-        for chosen in _pack_pairs(iter(flat), s.tokens, tokens_per_batch):
+        for chosen in _pack_pairs(iter(flat), s.tokens, work.tokens_per_batch):
             batch = collate([s.example(t, i) for t, i in chosen], task="retrieval")
             out = engine(batch.to(work.device, non_blocking=True))
             scores[start : start + len(chosen)] = out["scores"].float().cpu().numpy()

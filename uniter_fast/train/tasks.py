@@ -10,6 +10,12 @@ logs, metrics, non-finite checks, summary) is the trainer's, shared by all.
   on task shards (`uniter_fast.data.task_shards`; synthetic ones written by the run when
   `data.train` is empty), validated with the task's metric (VQA soft accuracy, VE and NLVR2
   accuracy) against its chance level.
+- `RetrievalTask` ("retrieval"): `UniterForRetrieval` on pretraining-layout shards, plain or
+  hard-negative training (`uniter_fast.tasks.retrieval`), validated by the full evaluation
+  (every text against every image): recall@1, the mean of image and text retrieval's.
+- `ReTask` ("re"): `UniterForReferringExpressions` on "re" task shards, trained on the
+  ground-truth boxes, validated on both the ground-truth and the detected boxes (IoU accuracy,
+  `uniter_fast.tasks.refexp`).
 """
 
 from __future__ import annotations
@@ -24,14 +30,22 @@ from ..data.shards import list_shards
 from ..model import (
     UniterForNlvr2,
     UniterForPretraining,
+    UniterForReferringExpressions,
+    UniterForRetrieval,
     UniterForVisualEntailment,
     UniterForVqa,
 )
 
-FINETUNE_TASKS = ("vqa", "ve", "nlvr2")
+FINETUNE_TASKS = ("vqa", "ve", "nlvr2", "retrieval", "re")
 TASK_NAMES = ("pretrain", *FINETUNE_TASKS)
 # What the summary's headline figure is called, per downstream task.
-METRIC = {"vqa": "vqa_soft_accuracy", "ve": "accuracy", "nlvr2": "accuracy"}
+METRIC = {
+    "vqa": "vqa_soft_accuracy",
+    "ve": "accuracy",
+    "nlvr2": "accuracy",
+    "retrieval": "recall_at_1",
+    "re": "accuracy",
+}
 
 
 class PretrainTask:
@@ -85,7 +99,8 @@ class FinetuneTask:
         out = engine(batch)
         return {k: v for k, v in out.items() if k != "scores"}
 
-    def chance(self) -> float:
+    def chance(self, cfg) -> float:
+        """The metric's chance level on the synthetic validation split."""
         from ..data.synthetic_tasks import CHANCE
 
         return CHANCE[self.name]
@@ -154,7 +169,156 @@ class FinetuneTask:
         return {"loss": result["loss"], METRIC[self.name]: result["score"], "n": result["n"]}
 
 
-TASKS = {"pretrain": PretrainTask(), **{name: FinetuneTask(name) for name in FINETUNE_TASKS}}
+class RetrievalTask(FinetuneTask):
+    """Image-text retrieval (module docstring; `cfg.finetune` holds margin and the
+    hard-negative sizes)."""
+
+    def __init__(self):
+        super().__init__("retrieval")
+
+    def num_classes(self, cfg) -> None:
+        return None
+
+    def build_model(self, cfg, model_config) -> nn.Module:
+        return UniterForRetrieval(
+            model_config,
+            margin=cfg.finetune.margin,
+            attention=cfg.attention,
+            varlen_dropout=cfg.varlen_dropout,
+        )
+
+    def forward(self, engine, batch, task: str) -> dict:
+        from ..tasks.retrieval import HardNegativeWork, mine_and_train
+
+        if isinstance(batch, HardNegativeWork):
+            return mine_and_train(engine, batch)
+        return super().forward(engine, batch, task)
+
+    def chance(self, cfg) -> float:
+        """Recall@1 of a random ranking: 1 / images of the validation split."""
+        return 1.0 / max(cfg.data.synthetic_val_images, 1)
+
+    def loader(self, urls, cfg, *, rank: int, world: int, pin_memory: bool, state: dict | None):
+        from ..tasks.retrieval import HardNegativeLoader, RetrievalLoader
+
+        if cfg.data.mode != "exact":
+            raise ValueError(
+                "retrieval holds its split in memory (negatives are drawn from all of it): "
+                f"data.mode must be exact, got {cfg.data.mode!r}"
+            )
+        ft = cfg.finetune
+        common = dict(
+            tokens_per_batch=cfg.data.tokens_per_batch,
+            seed=cfg.seed,
+            max_txt_len=ft.max_txt_len,
+            rank=rank,
+            world_size=world,
+            pin_memory=pin_memory,
+            state=state,
+        )
+        if ft.hard_negatives:
+            return HardNegativeLoader(
+                urls,
+                negative_size=ft.negative_size,
+                hard_neg_size=ft.hard_neg_size,
+                positives=ft.hard_positives,
+                **common,
+            )
+        return RetrievalLoader(urls, negatives=ft.negatives, **common)
+
+    def validation_examples(self, urls, cfg):
+        from ..tasks.retrieval import read_retrieval_split
+
+        bad = BadSamples()
+        return read_retrieval_split(list_shards(urls), bad=bad), bad
+
+    @torch.no_grad()
+    def evaluate(self, engine, split, cfg, *, device, rank, world, all_reduce) -> dict:
+        from ..tasks.retrieval import recall_at_k, score_matrix
+
+        module = engine.module
+        was_training = module.training
+        engine.eval()
+        scores = score_matrix(
+            engine,
+            split,
+            chunk_texts=cfg.finetune.eval_chunk_texts,
+            tokens_per_batch=cfg.data.tokens_per_batch,
+            device=device,
+            rank=rank,
+            world=world,
+            all_reduce=all_reduce,
+            progress=False,
+        )
+        engine.train(was_training)
+        recall = recall_at_k(scores, split.txt2img, split.img2txts)
+        headline = (recall["img_r1"] + recall["txt_r1"]) / 2
+        return {METRIC["retrieval"]: headline, **recall, "n": split.num_texts}
+
+
+class ReTask(FinetuneTask):
+    """Referring expressions (module docstring; `cfg.finetune.re_mlp` and `re_loss`)."""
+
+    def __init__(self):
+        super().__init__("re")
+
+    def num_classes(self, cfg) -> None:
+        return None
+
+    def build_model(self, cfg, model_config) -> nn.Module:
+        return UniterForReferringExpressions(
+            model_config,
+            mlp=cfg.finetune.re_mlp,
+            loss=cfg.finetune.re_loss,
+            margin=cfg.finetune.margin,
+            attention=cfg.attention,
+            varlen_dropout=cfg.varlen_dropout,
+        )
+
+    def validation_examples(self, urls, cfg):
+        from ..data.task_shards import iter_task_shard
+        from ..tasks.refexp import re_examples
+
+        bad = BadSamples()
+        examples: dict[str, list] = {"gt": [], "det": []}
+        for url in list_shards(urls):
+            for record in iter_task_shard(url, "re", on_bad=bad.add_bad):
+                bad.add_good(record.shard)
+                for features in examples:
+                    examples[features] += re_examples(record, features=features)[0]
+        return examples, bad
+
+    @torch.no_grad()
+    def evaluate(self, engine, examples, cfg, *, device, rank, world, all_reduce) -> dict:
+        from ..tasks.refexp import evaluate_re
+
+        module = engine.module
+        was_training = module.training
+        engine.eval()
+        out = {}
+        for features, name in (("gt", "accuracy"), ("det", "accuracy_detected")):
+            result = evaluate_re(
+                engine,
+                examples[features],
+                tokens_per_batch=cfg.data.tokens_per_batch,
+                device=device,
+                rank=rank,
+                world=world,
+                all_reduce=all_reduce,
+            )
+            out[name] = result["accuracy"]
+            if features == "gt":
+                out["loss"], out["n"] = result["loss"], result["n"]
+        engine.train(was_training)
+        return out
+
+
+TASKS = {
+    "pretrain": PretrainTask(),
+    **{name: FinetuneTask(name) for name in ("vqa", "ve", "nlvr2")},
+    "retrieval": RetrievalTask(),
+    "re": ReTask(),
+}
 
 
 def get_task(name: str):
@@ -173,5 +337,7 @@ __all__ = [
     "TASK_NAMES",
     "FinetuneTask",
     "PretrainTask",
+    "ReTask",
+    "RetrievalTask",
     "get_task",
 ]

@@ -63,7 +63,7 @@ log = logging.getLogger("uniter_fast.train")
 EVAL_TASKS = ("itm", "mlm", "mrckl", "mrfr")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_VALIDATION = "no validation data: data.val (--val-data) is empty, so this run validates nothing"
-TASK_CODES = ("itm", "mlm", "mrfr", "mrc", "mrckl", "vqa", "ve", "nlvr2")
+TASK_CODES = ("itm", "mlm", "mrfr", "mrc", "mrckl", "vqa", "ve", "nlvr2", "retrieval", "re")
 _NO_BAD = 2**62
 # Test hook for the fault tests (tests/test_faults.py): "nan@STEP" makes rank 0's loss NaN from
 # optimizer step STEP on; "kill-in-save@STEP" SIGKILLs rank 0 inside the save of step STEP, after
@@ -992,7 +992,7 @@ def _headline(run: Run, val: dict) -> dict:
     return {
         "metric": metric,
         "value": val.get(metric),
-        "chance": get_task(run.cfg.task).chance() if run.synthetic else None,
+        "chance": get_task(run.cfg.task).chance(run.cfg) if run.synthetic else None,
         "split": "val (synthetic)" if run.synthetic else "val",
     }
 
@@ -1081,7 +1081,8 @@ def format_summary(s: dict) -> str:
     if v and s.get("metric"):
         chance = f" (chance {s['chance']:.3f})" if s.get("chance") is not None else ""
         lines.append(f"validation ({s['split']}, {v['n']} examples):")
-        lines.append(f"  {s['metric']} {s['value']:.4f}{chance}, loss {v['loss']:.4f}")
+        loss = f", loss {v['loss']:.4f}" if v.get("loss") is not None else ""
+        lines.append(f"  {s['metric']} {s['value']:.4f}{chance}{loss}")
     elif v:
         lines.append("validation (held-out images):")
         lines.append(
