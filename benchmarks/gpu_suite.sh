@@ -25,6 +25,7 @@
 #   budget        35s  tokens/s of `fast` base at three token budgets
 #   convergence   85s  200 steps of base, fast paths in bf16 against reference paths in fp32
 #   finetune      35s  bench_finetune.py, base: VQA and NLVR2 steps and evaluation, ours vs authors
+#   retrieval     25s  bench_retrieval.py, base: full-evaluation pairs/s, the hard-negative step
 set -uo pipefail
 
 out=${1:?usage: gpu_suite.sh OUT_DIR [--dry-run]}
@@ -109,6 +110,7 @@ if ((dry)); then
     --providers fast --tokens-per-batch 512 --out "$out/budget-512.json"
   phase convergence 240 $py benchmarks/convergence.py "${dev[@]}" --quick --out "$out"
   phase finetune 120 $py benchmarks/bench_finetune.py "${dev[@]}" --quick --models tiny --out "$out"
+  phase retrieval 120 $py benchmarks/bench_retrieval.py "${dev[@]}" --quick --out "$out"
 else
   phase setup 45 bash -c "py=$py; $(declare -f setup); setup"
   phase tests 90 $py -m pytest -q -p no:cacheprovider "${xdist[@]}" \
@@ -128,5 +130,7 @@ else
   rm -rf "$out/convergence-runs/"*/run/checkpoints
   phase finetune 35 $py benchmarks/bench_finetune.py --models base --steps 3 --warmup 1 \
     --batches 2 --out "$out"
+  phase retrieval 25 $py benchmarks/bench_retrieval.py --models base --images 200 \
+    --eval-texts 8 --steps 1 --rounds 2 --out "$out"
 fi
 $py benchmarks/gpu_summary.py "$out" && cat "$out/SUMMARY.md"

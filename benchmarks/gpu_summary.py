@@ -208,6 +208,33 @@ def finetune_rows(results) -> list[dict]:
     return rows or [_row("fine-tuning", "missing", None)]
 
 
+def retrieval_rows(results) -> list[dict]:
+    rows = []
+    for _, data in results:
+        for name, entry in data.get("results", {}).items():
+            ev, hard = entry.get("eval_speedup"), entry.get("hard_speedup")
+            hours = entry.get("coco5k_hours_one_device", {}).get("fast")
+            if ev is not None:
+                rows.append(
+                    _row(
+                        f"retrieval {name}: full-evaluation pairs/s, fast over authors "
+                        f"(predicted 2-3.5x; COCO 5k on one GPU {hours:.1f} h)",
+                        f"{ev:.2f}x",
+                        ev >= 1,
+                    )
+                )
+            if hard is not None:
+                rows.append(
+                    _row(
+                        f"retrieval {name}: hard-negative step, fast over authors "
+                        "(predicted 1.5-3x)",
+                        f"{hard:.2f}x",
+                        hard >= 1,
+                    )
+                )
+    return rows or [_row("retrieval", "missing", None)]
+
+
 def convergence_rows(results) -> list[dict]:
     rows = []
     for _, data in results:
@@ -300,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         + e2e_rows(e2e, budget)
         + convergence_rows(found.get("convergence", []))
         + finetune_rows(found.get("finetune", []))
+        + retrieval_rows(found.get("retrieval", []))
     )
     plots = draw_plots(folder, found)
     env = next((d["environment"] for ds in found.values() for _, d in ds if "environment" in d), {})

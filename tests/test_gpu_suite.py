@@ -43,6 +43,7 @@ def test_dry_run_goes_through_every_phase(tmp_path):
         "budget",
         "convergence",
         "finetune",
+        "retrieval",
     ]
     failed = {
         name: (out / f"{name}.log").read_text()[-2000:]
@@ -59,6 +60,7 @@ def test_dry_run_goes_through_every_phase(tmp_path):
         "budget-512",
         "convergence-",
         "finetune-",
+        "retrieval-",
     ):
         assert any(n.startswith(prefix) and n.endswith(".json") for n in names), prefix
     summary = (out / "SUMMARY.md").read_text()
@@ -66,3 +68,4 @@ def test_dry_run_goes_through_every_phase(tmp_path):
     assert "convergence: every task's loss within 1%" in summary
     assert "IPOT tiny: launcher's choice vs best variant" in summary
     assert "vqa/tiny: fine-tuning examples/s, fast over authors" in summary
+    assert "retrieval tiny: full-evaluation pairs/s, fast over authors" in summary

@@ -298,3 +298,20 @@ def test_train_task_writes_the_summary(task, tmp_path):
     )
     report = uf.load_pretrained(model, out / "model_reference.pt", verbose=False)
     assert not report.missing and not report.unexpected
+
+
+def test_recipes_parse():
+    from uniter_fast.config import RunConfig
+
+    for name, task in [
+        ("retrieval-base", "retrieval"),
+        ("retrieval-large", "retrieval"),
+        ("re-base", "re"),
+        ("retrieval-tiny-cpu", "retrieval"),
+        ("re-tiny-cpu", "re"),
+    ]:
+        cfg = RunConfig.from_file(REPO / f"configs/finetune/{name}.yaml")
+        assert cfg.task == task
+    hard = RunConfig.from_file(REPO / "configs/finetune/retrieval-base.yaml").finetune
+    assert (hard.hard_negatives, hard.negative_size, hard.hard_neg_size) == (True, 399, 31)
+    assert RunConfig.from_file(REPO / "configs/finetune/re-base.yaml").finetune.re_mlp == 2

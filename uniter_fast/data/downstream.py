@@ -80,14 +80,24 @@ def _soft_targets(examples: Sequence[dict]) -> np.ndarray | None:
     return np.stack(rows)
 
 
+def _scalar(t):
+    """A target given as a one-element array or tensor (the reference's `tensor([target])`) as
+    its Python value; anything else unchanged."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu().numpy()
+    if isinstance(t, np.ndarray) and t.size == 1:
+        return t.reshape(()).item()
+    if isinstance(t, (list, tuple)) and len(t) == 1:
+        return t[0]
+    return t
+
+
 def _binary_target(examples: Sequence[dict]) -> np.ndarray | None:
     if not _all_or_none(examples, "target"):
         return None
     out = np.empty(len(examples), dtype=np.int64)
     for i, ex in enumerate(examples):
-        t = ex["target"]
-        if isinstance(t, np.ndarray) and t.ndim == 0:
-            t = t.item()
+        t = _scalar(ex["target"])
         if isinstance(t, (bool, np.bool_)) or (isinstance(t, (int, np.integer)) and t in (0, 1)):
             out[i] = int(t)
         else:
@@ -114,9 +124,7 @@ def _region_target(examples: Sequence[dict], seqs: list[dict]) -> np.ndarray | N
         return None
     out = np.empty(len(examples), dtype=np.int64)
     for i, ex in enumerate(examples):
-        t = ex["target"]
-        if isinstance(t, np.ndarray) and t.ndim == 0:
-            t = t.item()
+        t = _scalar(ex["target"])
         n = len(seqs[i]["img_feat"])
         if (
             isinstance(t, (bool, np.bool_))
