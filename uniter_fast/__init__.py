@@ -8,7 +8,8 @@ batch = uf.data.collate(examples, task="mlm")
 out = model(batch, task="mlm")          # {"loss": ..., "mlm": ...}
 
 model = uf.UniterForVqa(cfg, img_dim=2048, num_answers=3129)   # or VisualEntailment, Nlvr2,
-                                                              # Retrieval, ReferringExpressions
+                                                              # Retrieval, ReferringExpressions,
+                                                              # Vcr
 out = model(uf.data.collate(examples, task=model.task))       # {"scores": ..., "loss": ...}
 """
 
@@ -21,6 +22,8 @@ from .model import (
     UniterForPretraining,
     UniterForReferringExpressions,
     UniterForRetrieval,
+    UniterForVcr,
+    UniterForVcrPretraining,
     UniterForVisualEntailment,
     UniterForVqa,
     UniterModel,
@@ -36,6 +39,8 @@ __all__ = [
     "UniterForPretraining",
     "UniterForReferringExpressions",
     "UniterForRetrieval",
+    "UniterForVcr",
+    "UniterForVcrPretraining",
     "UniterForVisualEntailment",
     "UniterForVqa",
     "UniterModel",

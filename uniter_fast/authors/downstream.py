@@ -32,6 +32,21 @@ def collate(examples, task):
     """The authors' padded batch for "vqa", "ve", "nlvr2" (paired), "nlvr2-triplet",
     "retrieval" (itm_rank_collate: `sample_size` when the examples have targets, every group
     then the same size) or "re" (re_collate: `txt_lens`, `num_bbs`, `obj_masks`, `targets`)."""
+    if task == "vcr":
+        # vcr_collate: txt_type_ids padded with 0 beside input_ids.
+        ids = [_ids(ex) for ex in examples]
+        batch = padded_inputs(
+            ids,
+            [_f32(ex["img_feat"]) for ex in examples],
+            [_f32(ex["img_loc"]) for ex in examples],
+        )
+        types = [
+            torch.as_tensor(np.asarray(ex["txt_type_ids"]), dtype=torch.long) for ex in examples
+        ]
+        batch["txt_type_ids"] = pad_sequence(types, batch_first=True, padding_value=0)
+        if "target" in examples[0]:
+            batch["targets"] = torch.tensor([[int(ex["target"])] for ex in examples])
+        return batch
     if task in ("retrieval", "re"):
         ids = [_ids(ex) for ex in examples]
         feats = [_f32(ex["img_feat"]) for ex in examples]
@@ -101,6 +116,7 @@ class _Finetuned(nn.Module):
             batch["attn_masks"],
             batch["gather_index"],
             img_type_ids=batch.get("img_type_ids"),
+            txt_type_ids=batch.get("txt_type_ids"),
         )
 
     def _pooled(self, batch):
@@ -296,6 +312,41 @@ class UniterForReferringExpressionComprehension(_Finetuned):
                 img_hid = torch.cat([img_hid, pad], dim=1)
             outputs.append(img_hid)
         return torch.cat(outputs, dim=0)
+
+
+class UniterForVisualCommonsenseReasoning(_Finetuned):
+    def __init__(self, config, img_dim):
+        super().__init__(config, img_dim)
+        h = config.hidden_size
+        self.vcr_output = nn.Sequential(
+            nn.Linear(h, h * 2), nn.ReLU(), nn.LayerNorm(h * 2, eps=1e-12), nn.Linear(h * 2, 2)
+        )
+        self.apply(self.init_weights)
+
+    def init_type_embedding(self):
+        new_emb = nn.Embedding(4, self.uniter.config.hidden_size)
+        new_emb.apply(self.init_weights)
+        for i in [0, 1]:
+            emb = self.uniter.embeddings.token_type_embeddings.weight.data[i, :]
+            new_emb.weight.data[i, :].copy_(emb)
+        emb = self.uniter.embeddings.token_type_embeddings.weight.data[0, :]
+        new_emb.weight.data[2, :].copy_(emb)
+        new_emb.weight.data[3, :].copy_(emb)
+        self.uniter.embeddings.token_type_embeddings = new_emb
+
+    def init_word_embedding(self, num_special_tokens):
+        orig_word_num = self.uniter.embeddings.word_embeddings.weight.size(0)
+        new_emb = nn.Embedding(orig_word_num + num_special_tokens, self.uniter.config.hidden_size)
+        new_emb.apply(self.init_weights)
+        emb = self.uniter.embeddings.word_embeddings.weight.data
+        new_emb.weight.data[:orig_word_num, :].copy_(emb)
+        self.uniter.embeddings.word_embeddings = new_emb
+
+    def forward(self, batch, compute_loss=True):
+        rank_scores = self.vcr_output(self._pooled(batch))
+        if compute_loss:
+            return F.cross_entropy(rank_scores, batch["targets"].squeeze(-1), reduction="mean")
+        return rank_scores[:, 1:]
 
 
 def compute_iou(box1, box2):

@@ -171,11 +171,12 @@ class UniterModel(nn.Module):
         gather_index,
         img_masks=None,
         img_type_ids=None,
+        txt_type_ids=None,
     ):
         extended = attention_mask.unsqueeze(1).unsqueeze(2)
         extended = extended.to(dtype=next(self.parameters()).dtype)
         extended = (1.0 - extended) * -10000.0
-        txt_emb = self.embeddings(input_ids, position_ids)
+        txt_emb = self.embeddings(input_ids, position_ids, txt_type_ids)
         if img_type_ids is None:
             img_type_ids = torch.ones_like(img_feat[:, :, 0].long())
         img_type_embeddings = self.embeddings.token_type_embeddings(img_type_ids)

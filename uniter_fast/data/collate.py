@@ -17,6 +17,7 @@ pass with the GIL released.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from .schema import LOC_DIM, MRM_TASKS, PACK_TASKS, Batch, check_task
 
 PAD_MULTIPLE = 8
 # uniter_fast.data.downstream
-DOWNSTREAM_TASKS = ("vqa", "ve", "nlvr2", "nlvr2-triplet", "retrieval", "re")
+DOWNSTREAM_TASKS = ("vqa", "ve", "nlvr2", "nlvr2-triplet", "retrieval", "re", "vcr")
 
 logger = logging.getLogger("uniter_fast.data")
 
@@ -357,6 +358,7 @@ def collate(
 
         return collate_downstream(examples, task, out=out, backend=backend)
     check_task(task, PACK_TASKS)
+    types = txt_type_ids(examples)
     if backend not in ("auto", "cpp", "numpy"):
         raise ValueError(f"collate: backend must be 'auto', 'cpp' or 'numpy', got {backend!r}")
     if backend == "cpp" or (backend == "auto" and _C is not None):
@@ -373,4 +375,45 @@ def collate(
             views, tensors = _allocate(specs, out)
             for name, view in views.items():
                 np.copyto(view, arrays[name])
-    return Batch.from_numpy(task, {**arrays, **tensors} if tensors else arrays)
+    batch = Batch.from_numpy(task, {**arrays, **tensors} if tensors else arrays)
+    return with_arrays(batch, {"txt_type_ids": types} if types is not None else {}, out)
+
+
+def txt_type_ids(examples: Sequence[dict]) -> np.ndarray | None:
+    """The examples' `txt_type_ids` (one type per token of `input_ids`) concatenated in packing
+    order, or None when no example has them (all text is type 0). All or none must have them."""
+    have = [isinstance(ex, dict) and "txt_type_ids" in ex for ex in examples]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = have.index(False)
+        raise ValueError(
+            f"example {missing}: missing field 'txt_type_ids' (other examples of the batch have "
+            "it: give it for all examples or none)"
+        )
+    parts = []
+    for i, ex in enumerate(examples):
+        t = np.asarray(ex["txt_type_ids"])
+        n = len(np.asarray(_field(ex, i, "input_ids")))
+        if t.ndim != 1 or t.shape[0] != n or t.dtype.kind not in "iu":
+            raise ValueError(
+                f"example {i}: txt_type_ids must be {n} integers (one per input_ids token), got "
+                f"shape {t.shape} dtype {t.dtype}"
+            )
+        if t.size and (t.min() < 0 or t.max() > 15):
+            raise ValueError(f"example {i}: txt_type_ids must lie in [0, 15]")
+        parts.append(t.astype(np.int64, copy=False))
+    return np.concatenate(parts)
+
+
+def with_arrays(batch: Batch, extra: dict[str, np.ndarray], out) -> Batch:
+    """`batch` with more fields from NumPy arrays, in `out`'s kind of memory (see `collate`)."""
+    if not extra:
+        return batch
+    if out is None:
+        tensors = {k: torch.from_numpy(v) for k, v in extra.items()}
+    else:
+        views, tensors = _allocate([(k, v.shape, v.dtype.name) for k, v in extra.items()], out)
+        for name, view in views.items():
+            np.copyto(view, extra[name])
+    return dataclasses.replace(batch, **tensors)

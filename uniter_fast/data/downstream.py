@@ -26,6 +26,13 @@ Each downstream batch is a pretraining batch without pretraining targets (the C+
   regions). Batch: `target` int64 [B] and `region_index` int64 [B, R] (R the most regions of an
   example in the batch): position r of example b holds the index of its r-th region among the
   batch's Ni regions, or Ni past its regions.
+- "vcr": one sequence per candidate: `input_ids` ([CLS] q [SEP] a [SEP], or [CLS] q [SEP] a_gt
+  [SEP] r [SEP]), `txt_type_ids` (one per token: [CLS] and the question 0, the answer part 2,
+  the rationale part 3), `img_feat`/`img_loc` (the ground-truth boxes, then the detected ones)
+  and optionally `target` (1 for the right candidate). Batch: `target` int64 [B] and
+  `txt_type_ids` int64 [Nt].
+
+Any task's examples may carry `txt_type_ids` (all or none); the batch then holds them [Nt].
 
 Targets are optional (all examples or none): a batch without them is for inference. Bad examples
 raise ValueError/TypeError naming the example and the field.
@@ -39,7 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .collate import DOWNSTREAM_TASKS, _allocate, _field, collate
+from .collate import DOWNSTREAM_TASKS, _field, collate, txt_type_ids, with_arrays
 
 # The reference's class counts: VQA's answer vocabulary (utils/ans2label.json), SNLI-VE's labels.
 VQA_ANSWERS = 3129
@@ -165,7 +172,7 @@ def _image_pair(ex: dict, i: int) -> tuple[tuple, tuple]:
 
 def _sequences(examples: Sequence[dict], task: str) -> tuple[list[dict], list[np.ndarray] | None]:
     """The packer's examples (one per sequence) and, for NLVR2, each sequence's region types."""
-    if task in ("vqa", "ve", "retrieval", "re"):
+    if task in ("vqa", "ve", "retrieval", "re", "vcr"):
         seqs = [
             {
                 "input_ids": _field(ex, i, "input_ids"),
@@ -228,6 +235,10 @@ def collate_downstream(examples: Sequence[dict], task: str, *, out=None, backend
         target = _retrieval_target(examples)
         if target is not None:
             extra["target"] = target
+    elif task == "vcr":
+        target = _binary_target(examples)
+        if target is not None:
+            extra["target"] = target
     elif task == "re":
         target = _region_target(examples, seqs)
         if target is not None:
@@ -239,17 +250,16 @@ def collate_downstream(examples: Sequence[dict], task: str, *, out=None, backend
         if target is not None:
             extra["target"] = target
         extra["img_type_ids"] = np.concatenate(types)
+    types = txt_type_ids(examples)
+    if types is not None:
+        if task in ("nlvr2",):
+            raise ValueError("txt_type_ids: not for the paired NLVR2 form")
+        extra["txt_type_ids"] = types
     try:
         batch = collate(seqs, "pairs", out=out, backend=backend)
     except (ValueError, TypeError) as e:
         raise _renamed(e, task) from None
-    if out is None:
-        tensors = {k: torch.from_numpy(v) for k, v in extra.items()}
-    else:
-        views, tensors = _allocate([(k, v.shape, v.dtype.name) for k, v in extra.items()], out)
-        for name, view in views.items():
-            np.copyto(view, extra[name])
-    return dataclasses.replace(batch, task=task, **tensors)
+    return with_arrays(dataclasses.replace(batch, task=task), extra, out)
 
 
 __all__ = ["DOWNSTREAM_TASKS", "VE_LABELS", "VQA_ANSWERS", "collate_downstream"]

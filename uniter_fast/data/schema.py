@@ -89,6 +89,8 @@ class Batch:
         input_ids   int64 [Nt]     token ids (MLM: already masked)
         txt_pos     int64 [Nt]     position within its caption, 0-based
         txt_dest    int64 [Nt]     row in the packed buffer
+        txt_type_ids int64 [Nt]    each token's type, when examples give `txt_type_ids` (VCR:
+                                   question and [CLS] 0, answer 2, rationale 3); None: all 0
     Regions (Ni over the batch):
         img_feat    float16|float32 [Ni, D]  features, masked rows already zeroed
         img_loc     float32 [Ni, 7]
@@ -158,6 +160,7 @@ class Batch:
     target: torch.Tensor | None = None
     img_type_ids: torch.Tensor | None = None
     region_index: torch.Tensor | None = None
+    txt_type_ids: torch.Tensor | None = None
     mrm_valid: torch.Tensor | None = None
     padding: Any = None  # a `uniter_fast.data.static.StaticPadding` for static batches
 

@@ -16,6 +16,15 @@ many texts use them:
     meta.json   {"task": ..., "image_id": ..., ...}; RE also "width" and "height" in pixels (the
                 boxes' pixel coordinates come from them and loc).
 
+VCR samples hold one movie frame with every question about it: `feat.npy`/`loc.npy` its
+ground-truth boxes (one per entry of meta "objects", in that order) and `feat1.npy`/`loc1.npy`
+its detected boxes, plus `soft.npy` and `soft1.npy` (float16 [n, 1601], the detector's class
+distribution of each box: the second pretraining stage's MRC-kl targets). Items:
+`{"id": annot_id, "question": [ids], "answers": [[ids] x 4], "rationales": [[ids] x 4],
+"answer_label": 0..3, "rationale_label": 0..3}` (labels absent in test), token ids without
+[CLS]/[SEP] and below `VCR_VOCAB_SIZE` (the object tags are ids past BERT's vocabulary:
+`uniter_fast.convert.vcr` says how references become tags).
+
 `input_ids` are WordPiece ids without [CLS]/[SEP] (the example builder adds them). Written by
 `ShardWriter.write_sample` (atomic shards, sha256 per shard); read through `iter_shard` with
 `decode_task_sample`, an allow-list decoder like the pretraining one: no pickle, and every bad
@@ -31,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .schema import BERT_BASE_CASED, IMG_DIM, LOC_DIM, MAX_REGIONS, Vocab
+from .schema import BERT_BASE_CASED, IMG_DIM, IMG_LABEL_DIM, LOC_DIM, MAX_REGIONS, Vocab
 from .shards import (
     ShardFormatError,
     ShardWriter,
@@ -42,8 +51,16 @@ from .shards import (
     iter_shard,
 )
 
-TARGET_FIELD = {"vqa": "answers", "ve": "label", "nlvr2": "target", "re": "target"}
-TWO_IMAGES = ("nlvr2", "re")  # tasks whose samples hold a second feature set (feat1, loc1)
+TARGET_FIELD = {
+    "vqa": "answers",
+    "ve": "label",
+    "nlvr2": "target",
+    "re": "target",
+    "vcr": "answer_label",
+}
+TWO_IMAGES = ("nlvr2", "re", "vcr")  # tasks whose samples hold a second feature set (feat1, loc1)
+VCR_SPECIAL_TOKENS = 81  # the object tags: word ids size .. size + 80
+VCR_VOCAB_SIZE = BERT_BASE_CASED.size + VCR_SPECIAL_TOKENS
 _WDS_META = frozenset({"__key__", "__url__", "__local_path__"})
 
 
@@ -56,6 +73,8 @@ def _members(task: str) -> tuple[str, ...]:
             "loc.npy",
         )
     )
+    if task == "vcr":
+        images = (*images, "soft.npy", "soft1.npy")
     return (*images, "items.json", "meta.json")
 
 
@@ -69,10 +88,13 @@ class TaskRecord:
     items: list[dict]
     meta: dict = field(default_factory=dict)
     shard: str = ""
+    soft: list[np.ndarray] | None = None  # VCR: each image's soft labels [n, 1601]
 
     @property
     def captions(self) -> list[np.ndarray]:
         """The texts' token ids (what a converter's statistics count as captions)."""
+        if self.task == "vcr":
+            return [np.asarray(item["question"]) for item in self.items]
         return [np.asarray(item["input_ids"]) for item in self.items]
 
     @property
@@ -86,6 +108,8 @@ def encode_task_sample(record: TaskRecord) -> dict[str, bytes | str]:
         suffix = "" if i == 0 else str(i)
         sample[f"feat{suffix}.npy"] = _npy_bytes(feat)
         sample[f"loc{suffix}.npy"] = _npy_bytes(loc)
+    for i, soft in enumerate(record.soft or []):
+        sample[f"soft{'' if i == 0 else i}.npy"] = _npy_bytes(soft)
     sample["items.json"] = _json_bytes({"items": record.items})
     sample["meta.json"] = _json_bytes({"task": record.task, **record.meta})
     return sample
@@ -140,8 +164,27 @@ def validate_task_record(
                 raise fail(
                     "meta.json", "missing_field", f"RE needs a positive {name}, got {value!r}"
                 )
+    if record.task == "vcr":
+        soft = record.soft or []
+        if len(soft) != 2:
+            raise fail("soft.npy", "missing_field", "VCR needs soft.npy and soft1.npy")
+        for i, ((feat, _), labels) in enumerate(zip(record.images, soft, strict=True)):
+            member = f"soft{'' if i == 0 else i}.npy"
+            if labels.shape != (feat.shape[0], IMG_LABEL_DIM) or labels.dtype.kind != "f":
+                raise fail(
+                    member,
+                    "shape",
+                    f"has shape {labels.shape} {labels.dtype}, expected ({feat.shape[0]}, "
+                    f"{IMG_LABEL_DIM}) float",
+                )
+            if not np.isfinite(labels).all() or (labels < 0).any():
+                raise fail(member, "nonfinite", "holds NaN, Inf or negative values")
     if not isinstance(record.items, list) or not record.items:
         raise fail("items.json", "empty_caption", "holds no items")
+    if record.task == "vcr":
+        for j, item in enumerate(record.items):
+            _validate_vcr_item(item, f"item {j}", fail)
+        return
     target = TARGET_FIELD[record.task]
     for j, item in enumerate(record.items):
         where = f"item {j}"
@@ -215,6 +258,36 @@ def validate_task_record(
             )
 
 
+def _validate_vcr_item(item, where: str, fail) -> None:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+        raise fail("items.json", "type", f"{where}: expected a dict with a string id")
+    where = f"{where} ({item['id']})"
+    texts = [("question", item.get("question"))]
+    for name in ("answers", "rationales"):
+        choices = item.get(name)
+        if not isinstance(choices, list) or len(choices) != 4:
+            raise fail("items.json", "missing_field", f"{where}: {name} must be 4 token lists")
+        texts += [(f"{name}[{k}]", c) for k, c in enumerate(choices)]
+    for name, ids in texts:
+        if not isinstance(ids, list) or not ids:
+            raise fail("items.json", "empty_caption", f"{where}: {name} is empty or missing")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise fail("items.json", "type", f"{where}: {name} must hold ints")
+        if min(ids) < 0 or max(ids) >= VCR_VOCAB_SIZE:
+            raise fail(
+                "items.json", "token_id", f"{where}: {name} has an id outside [0, {VCR_VOCAB_SIZE})"
+            )
+    labels = [item.get(k) for k in ("answer_label", "rationale_label")]
+    if labels == [None, None]:
+        return  # a test split
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 4 for v in labels):
+        raise fail(
+            "items.json",
+            "range",
+            f"{where}: answer_label and rationale_label must both be 0..3, got {labels}",
+        )
+
+
 def decode_task_sample(
     raw: dict,
     *,
@@ -254,6 +327,9 @@ def decode_task_sample(
                 _load_npy(raw["loc1.npy"], shard, key, "loc1.npy"),
             )
         )
+    soft = None
+    if task == "vcr":
+        soft = [_load_npy(raw[m], shard, key, m) for m in ("soft.npy", "soft1.npy")]
     items = _load_json(raw["items.json"], shard, key, "items.json")
     meta = _load_json(raw["meta.json"], shard, key, "meta.json")
     if not isinstance(items, dict) or not isinstance(items.get("items"), list):
@@ -265,7 +341,7 @@ def decode_task_sample(
             shard, key, "meta.json", "type", f"a {meta.get('task')!r} sample in a {task} shard"
         )
     record = TaskRecord(
-        key=key, task=task, images=images, items=items["items"], meta=meta, shard=shard
+        key=key, task=task, images=images, items=items["items"], meta=meta, shard=shard, soft=soft
     )
     validate_task_record(record, shard=shard, num_classes=num_classes, vocab=vocab)
     return record
@@ -297,6 +373,8 @@ def iter_task_shard(
 __all__ = [
     "TARGET_FIELD",
     "TWO_IMAGES",
+    "VCR_SPECIAL_TOKENS",
+    "VCR_VOCAB_SIZE",
     "TaskRecord",
     "decode_task_sample",
     "encode_task_sample",

@@ -14,10 +14,11 @@ from .downstream import (
     UniterForNlvr2,
     UniterForReferringExpressions,
     UniterForRetrieval,
+    UniterForVcr,
     UniterForVisualEntailment,
     UniterForVqa,
 )
-from .pretrain import UniterForPretraining, UniterModel
+from .pretrain import UniterForPretraining, UniterForVcrPretraining, UniterModel
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -31,6 +32,8 @@ __all__ = [
     "UniterForPretraining",
     "UniterForReferringExpressions",
     "UniterForRetrieval",
+    "UniterForVcr",
+    "UniterForVcrPretraining",
     "UniterForVisualEntailment",
     "UniterForVqa",
     "UniterModel",

@@ -391,8 +391,108 @@ class UniterForReferringExpressions(UniterForDownstream):
         return (torch.clamp(self.margin + neg - pos, min=0) * (n > 1)).sum()
 
 
+_WORD_KEY = "uniter.embeddings.word_embeddings.weight"
+_DECODER_KEY = "cls.predictions.decoder.weight"  # tied to the word embeddings
+_MLM_BIAS_KEY = "cls.predictions.bias"
+VCR_SPECIAL_TOKENS = 81
+
+
+def vcr_config(config: UniterConfig, num_special_tokens: int) -> UniterConfig:
+    """The architecture VCR runs: the word embedding grown by the object tags, 4 token types."""
+    import dataclasses
+
+    return dataclasses.replace(
+        config, vocab_size=config.vocab_size + num_special_tokens, type_vocab_size=4
+    )
+
+
+def grow_vcr_state(model: nn.Module, state: dict) -> list[str]:
+    """`load_pretrained`'s hook for the VCR models: a pretraining checkpoint's word embedding
+    gains the object tags' rows (the model's own fresh N(0, initializer_range) rows, as the
+    reference's `init_word_embedding`), its 2 token types become 4 (rows 2 and 3 copied from row
+    0, the reference's `init_type_embedding`) and, for the second-stage pretraining model, the
+    MLM bias gains zeros for the tags (the decoder stays tied to the grown embedding)."""
+    notes = []
+    words = state.get(_WORD_KEY)
+    own = model.uniter.embeddings.word_embeddings.weight
+    if words is not None and words.shape[0] < own.shape[0]:
+        fresh = own.detach()[words.shape[0] :].to(device=words.device, dtype=words.dtype)
+        state[_WORD_KEY] = torch.cat([words, fresh])
+        state.pop(_DECODER_KEY, None)  # re-tied to the grown rows by the loader
+        notes.append(
+            f"{_WORD_KEY}: {words.shape[0]} rows -> {own.shape[0]} (the object tags' rows "
+            "initialised N(0, initializer_range))"
+        )
+    bias = state.get(_MLM_BIAS_KEY)
+    if bias is not None and hasattr(model, "cls") and bias.shape[0] < own.shape[0]:
+        state[_MLM_BIAS_KEY] = torch.cat([bias, bias.new_zeros(own.shape[0] - bias.shape[0])])
+        notes.append(f"{_MLM_BIAS_KEY}: grown with zeros for the object tags")
+    types = state.get(_TYPE_KEY)
+    if types is not None and types.shape[0] == 2:
+        state[_TYPE_KEY] = torch.cat([types, types[0:1], types[0:1]])
+        notes.append(f"{_TYPE_KEY}: 2 rows -> 4 (rows 2 and 3 copied from row 0, the text row)")
+    return notes
+
+
+class UniterForVcr(UniterForDownstream):
+    """VCR: one sequence per candidate (the collate task "vcr": [CLS] q [SEP] a [SEP], or [CLS]
+    q [SEP] a_gt [SEP] r [SEP], with `txt_type_ids` 0 / 2 / 3, regions type 1), pooled [CLS] ->
+    the reference's `vcr_output` (Linear(H, 2H) -> ReLU -> LayerNorm -> Linear(2H, 2)).
+
+    config: the pretraining architecture; the model adds `num_special_tokens` word rows (the
+    object tags, ids config.vocab_size ...) and grows the token types to 4. `scores` [B, 2];
+    `loss`: cross-entropy against `target` (1 for the right candidate), mean over candidates. A
+    question's prediction is its candidate with the highest class-1 logit.
+    """
+
+    task = "vcr"
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_dim: int = IMG_DIM,
+        num_special_tokens: int = VCR_SPECIAL_TOKENS,
+        *,
+        attention: str = "auto",
+        varlen_dropout: str = "keep",
+    ):
+        if num_special_tokens < 0:
+            raise ValueError(f"num_special_tokens must be >= 0, got {num_special_tokens}")
+        self.num_special_tokens = num_special_tokens
+        super().__init__(
+            vcr_config(config, num_special_tokens),
+            img_dim,
+            attention=attention,
+            varlen_dropout=varlen_dropout,
+        )
+        h = config.hidden_size
+        self.vcr_output = nn.Sequential(
+            nn.Linear(h, 2 * h),
+            nn.ReLU(),
+            nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
+            nn.Linear(2 * h, 2),
+        )
+        self.apply(self._init_weights)
+
+    def adapt_reference_state(self, state: dict) -> list[str]:
+        return grow_vcr_state(self, state)
+
+    def forward(self, batch: Batch) -> dict:
+        self._check(batch)
+        hidden = self.uniter(batch)
+        scores = self.vcr_output(self._pooled(hidden, batch))
+        out = {"scores": scores}
+        if batch.target is not None:
+            out["loss"] = F.cross_entropy(_widen(scores), batch.target)
+        return out
+
+
 __all__ = [
     "NLVR2_VARIANTS",
+    "VCR_SPECIAL_TOKENS",
+    "UniterForVcr",
+    "grow_vcr_state",
+    "vcr_config",
     "RE_LOSSES",
     "AttentionPool",
     "UniterForDownstream",

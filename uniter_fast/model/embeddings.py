@@ -9,9 +9,10 @@ from ..config import UniterConfig
 
 
 class TextEmbeddings(nn.Module):
-    """word + position + token type 0, then LayerNorm and dropout.
+    """word + position + token type (0, or per token: VCR's question 0, answer 2, rationale 3),
+    then LayerNorm and dropout.
 
-    input_ids, txt_pos: (Nt,) -> (Nt, hidden).
+    input_ids, txt_pos, txt_type_ids (or None: all type 0): (Nt,) -> (Nt, hidden).
     """
 
     def __init__(self, config: UniterConfig):
@@ -22,12 +23,18 @@ class TextEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, txt_pos: torch.Tensor) -> torch.Tensor:
-        emb = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(txt_pos)
-            + self.token_type_embeddings.weight[0]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        txt_pos: torch.Tensor,
+        txt_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        types = (
+            self.token_type_embeddings.weight[0]
+            if txt_type_ids is None
+            else self.token_type_embeddings(txt_type_ids)
         )
+        emb = self.word_embeddings(input_ids) + self.position_embeddings(txt_pos) + types
         return self.dropout(self.LayerNorm(emb))
 
 

@@ -71,7 +71,7 @@ class UniterModel(nn.Module):
 
     def embed(self, batch: Batch, *, mask_regions: bool) -> torch.Tensor:
         """Text and region embeddings placed at their packed rows: (N, hidden)."""
-        txt = self.embeddings(batch.input_ids, batch.txt_pos)
+        txt = self.embeddings(batch.input_ids, batch.txt_pos, batch.txt_type_ids)
         types = self.embeddings.token_type_embeddings
         # Regions are token type 1, or per region (NLVR2: 1 left image, 2 right image).
         img_type = types.weight[1] if batch.img_type_ids is None else types(batch.img_type_ids)
@@ -293,3 +293,23 @@ def _accuracy(
     if valid is None:
         return right.mean()
     return (right * valid).sum() / valid.sum()
+
+
+class UniterForVcrPretraining(UniterForPretraining):
+    """The second pretraining stage on VCR (`pretrain_vcr.py`): `UniterForPretraining` with the
+    word embedding grown by `num_special_tokens` object tags (the tied MLM decoder and its bias
+    grow with it) and 4 token types. Loading a first-stage checkpoint grows it as
+    `grow_vcr_state` says; the reference instead rebuilds the whole MLM head at random when it
+    re-ties it, which throws away the pretrained transform: here the transform is kept and the
+    bias extended with zeros (UNITER_FINETUNE.md section 6; decided, documented)."""
+
+    def __init__(self, config: UniterConfig, *args, num_special_tokens: int = 81, **kwargs):
+        from .downstream import vcr_config
+
+        self.num_special_tokens = num_special_tokens
+        super().__init__(vcr_config(config, num_special_tokens), *args, **kwargs)
+
+    def adapt_reference_state(self, state: dict) -> list[str]:
+        from .downstream import grow_vcr_state
+
+        return grow_vcr_state(self, state)
