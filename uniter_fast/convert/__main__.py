@@ -17,6 +17,10 @@
         --out DIR
     python -m uniter_fast.convert re-lmdb --txt-db TXT_DB --gt-img-db IMG_DB --det-img-db IMG_DB \\
         [--split SPLIT] --out DIR
+    python -m uniter_fast.convert vcr-jsonl --jsonl FILE --gt-npz-dir DIR --det-npz-dir DIR \\
+        [--metadata-dir DIR] --vocab vocab.txt [--missing-soft-labels uniform] --out DIR
+    python -m uniter_fast.convert vcr-lmdb --txt-db TXT_DB --gt-img-db IMG_DB --det-img-db IMG_DB \\
+        [--missing-soft-labels uniform] --out DIR
     python -m uniter_fast.convert verify DIR_OR_PATTERN [--manifest PATH] [--deep]
 
 `python -m uniter_fast.convert SUBCOMMAND --help` explains each. Exit status: 0 done (verify:
@@ -152,6 +156,17 @@ def _add_caption_args(p: argparse.ArgumentParser) -> None:
         default="refuse",
         help="without soft labels: refuse (default), or fill in a uniform distribution over "
         "classes 1..1600 (MRC targets meaningless; recorded in the manifest)",
+    )
+
+
+def _add_soft_label_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--missing-soft-labels",
+        choices=("refuse", "uniform"),
+        default="refuse",
+        help="an image without soft labels: skip it, counted (refuse, the default: MRC-kl needs "
+        "them), or fill in a uniform distribution over classes 1..1600 (recorded in the "
+        "manifest)",
     )
 
 
@@ -343,6 +358,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
 
     p = sub.add_parser(
+        "vcr-jsonl",
+        help="VCR annotations JSONL + ground-truth and detected per-image .npz -> vcr shards",
+        description=_wrap(
+            "Convert the public VCR annotations (train.jsonl, val.jsonl, test.jsonl) into vcr "
+            "task shards: one sample per movie frame with its ground-truth boxes (all of them, "
+            "region k = object k), its detected boxes, both with soft labels, and every "
+            "question about it with its 4 answers and 4 rationales. Object references become "
+            "tokens by one rule: a person is the tag id 28996 + its rank among the frame's "
+            "persons (capped at 80), any other object the WordPiece ids of its class name, "
+            "several objects joined by 'and'. Features: <img_fn with / as _>.npz or <img_fn "
+            "stem>.npz; see uniter_fast/convert/vcr.py."
+        ),
+        epilog=_wrap(
+            "Resumable and atomic like every conversion; frames whose ground-truth region count "
+            "differs from their object count, without a size or soft labels, and other bad "
+            "entries are skipped and counted by reason in DIR/manifest.json. The region options "
+            "apply to the detected boxes; ground-truth boxes are all kept."
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("--jsonl", type=Path, required=True, help="the VCR annotations JSONL")
+    p.add_argument("--gt-npz-dir", type=Path, required=True, help=".npz of ground-truth boxes")
+    p.add_argument("--det-npz-dir", type=Path, required=True, help=".npz of detected boxes")
+    p.add_argument(
+        "--metadata-dir",
+        type=Path,
+        default=None,
+        help="VCR's image folder holding each frame's metadata JSON (metadata_fn; its width and "
+        "height come first); default: the sizes come from the npz's image_w/image_h",
+    )
+    p.add_argument("--vocab", type=Path, required=True, help="WordPiece vocab.txt")
+    p.add_argument("--lowercase", action="store_true", help="uncased vocabularies")
+    _add_soft_label_arg(p)
+    _add_output_args(p)
+
+    p = sub.add_parser(
+        "vcr-lmdb",
+        help="the reference's VCR txt_db + ground-truth and detected img_dbs -> vcr shards",
+        description=_wrap(
+            "Convert the reference's VCR databases into vcr task shards: the text DB (lz4 "
+            "msgpack examples keyed by annot id with input_ids, input_ids_as, input_ids_rs, "
+            "qa_target, qar_target and img_fname = [gt name, det name], beside meta.json) and "
+            "the two image DBs. Examples are grouped by ground-truth image into one sample "
+            "each; token ids (tags already mapped) are kept as they are; see "
+            "uniter_fast/convert/vcr.py."
+        ),
+        epilog=_wrap(
+            "Resumable and atomic; bad entries skipped and counted by reason. The region options "
+            "apply to the detected boxes; ground-truth boxes are all kept."
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("--txt-db", type=Path, required=True, help="VCR text DB (LMDB + meta.json)")
+    p.add_argument("--gt-img-db", type=Path, required=True, help="ground-truth box image DB")
+    p.add_argument("--det-img-db", type=Path, required=True, help="detected box image DB")
+    _add_soft_label_arg(p)
+    _add_output_args(p)
+
+    p = sub.add_parser(
         "vqa-json",
         help="VQA v2 questions (+ annotations) JSON + per-image .npz -> vqa task shards",
         description=_wrap(
@@ -417,6 +491,31 @@ def _source(args: argparse.Namespace, dataset: str, policy: RegionPolicy):
             args.det_img_db,
             split=args.split,
             dataset=dataset,
+            policy=policy,
+        )
+    if args.command == "vcr-jsonl":
+        from .vcr import VcrJsonlSource
+
+        return VcrJsonlSource(
+            args.jsonl,
+            args.gt_npz_dir,
+            args.det_npz_dir,
+            args.vocab,
+            metadata_dir=args.metadata_dir,
+            dataset=dataset,
+            lowercase=args.lowercase,
+            missing_soft_labels=args.missing_soft_labels,
+            policy=policy,
+        )
+    if args.command == "vcr-lmdb":
+        from .vcr import VcrLmdbSource
+
+        return VcrLmdbSource(
+            args.txt_db,
+            args.gt_img_db,
+            args.det_img_db,
+            dataset=dataset,
+            missing_soft_labels=args.missing_soft_labels,
             policy=policy,
         )
     if args.command == "task-lmdb":
