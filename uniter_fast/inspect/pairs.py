@@ -49,6 +49,11 @@ def _shards(pattern: str | Sequence[str]) -> list[str]:
         raise FileNotFoundError(f"--data: {e}") from None
 
 
+def _records(urls: list[str]):
+    for url in urls:
+        yield from iter_shard(url)
+
+
 def sample_pairs(
     pattern: str | Sequence[str], count: int, *, seed: int = 0, progress: bool = False
 ) -> list[Pair]:
@@ -89,8 +94,9 @@ def find_pairs(pattern: str | Sequence[str], keys: Sequence[str]) -> list[Pair]:
     """
     if not keys:
         raise InspectError("--keys: no keys given")
+    specs = list(dict.fromkeys(keys))
     wanted: dict[str, list[tuple[str, int]]] = {}  # sample key -> [(spec, caption)]
-    for spec in dict.fromkeys(keys):
+    for spec in specs:
         wanted.setdefault(spec, []).append((spec, 0))
         m = _CAPTION_SUFFIX.match(spec)
         if m:
@@ -100,26 +106,25 @@ def find_pairs(pattern: str | Sequence[str], keys: Sequence[str]) -> list[Pair]:
     # Specs matched through their `/j` suffix: a sample whose key is the whole spec may still come.
     tentative: set[str] = set()
     urls = _shards(pattern)
-    for url in urls:
-        for record in iter_shard(url):
-            for spec, caption in wanted.get(record.key, ()):
-                exact = spec == record.key
-                if spec in found and spec not in tentative:
-                    continue
-                n = len(record.captions)
-                found[spec] = (
-                    Pair(record, caption)
-                    if caption < n
-                    else f"--keys {spec}: sample {record.key!r} in {record.shard} has {n} "
-                    f"captions (0..{n - 1})"
-                )
-                (tentative.discard if exact else tentative.add)(spec)
-            if len(found) == len(wanted) and not tentative:
-                break
-        else:
-            continue
-        break
-    missing = [spec for spec in dict.fromkeys(keys) if spec not in found]
+    for record in _records(urls):
+        for spec, caption in wanted.get(record.key, ()):
+            exact = spec == record.key
+            if spec in found and spec not in tentative:
+                continue
+            n = len(record.captions)
+            found[spec] = (
+                Pair(record, caption)
+                if caption < n
+                else f"--keys {spec}: sample {record.key!r} in {record.shard} has {n} "
+                f"captions (0..{n - 1})"
+            )
+            if exact:
+                tentative.discard(spec)
+            else:
+                tentative.add(spec)
+        if len(found) == len(specs) and not tentative:
+            break
+    missing = [spec for spec in specs if spec not in found]
     if missing:
         where = urls[0] if len(urls) == 1 else f"{len(urls)} shards ({urls[0]} ...)"
         raise InspectError(f"--keys: not found in {where}: {', '.join(missing)}")
