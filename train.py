@@ -1,7 +1,8 @@
 r"""Pretrain UNITER, or fine-tune it on a downstream task.
 
     python train.py            # CPU quick start: tiny model on synthetic shards it writes itself
-    python train.py --task vqa # a downstream quick start (vqa, ve, nlvr2, retrieval, re)
+    python train.py --task vqa # a downstream quick start (vqa, ve, nlvr2, retrieval, re, vcr;
+                               # pretrain-vcr: VCR's second pretraining stage); summary.json
                                # holds the validation metric and its chance level
     python train.py --config configs/pretrain/tiny-cpu.yaml --output-dir runs/tiny
     python train.py --data 'shards/coco-{000000..000099}.tar' \
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--task",
-        choices=["pretrain", "vqa", "ve", "nlvr2", "retrieval", "re"],
+        choices=["pretrain", "pretrain-vcr", "vqa", "ve", "nlvr2", "retrieval", "re", "vcr"],
         help="pretrain (default) or a downstream task; without --config a downstream task runs "
         "its CPU quick start, configs/finetune/<task>-tiny-cpu.yaml",
     )
@@ -106,15 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# A downstream task's CPU quick start (`python train.py --task vqa`).
+# A task's CPU quick start (`python train.py --task vqa`); the second pretraining stage's lives
+# with the pretraining recipes.
 QUICK_START = "configs/finetune/{task}-tiny-cpu.yaml"
+QUICK_STARTS = {"pretrain-vcr": "configs/pretrain/vcr-tiny-cpu.yaml"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.config:
         cfg = RunConfig.from_file(args.config)
     elif args.task not in (None, "pretrain"):
-        cfg = RunConfig.from_file(QUICK_START.format(task=args.task))
+        cfg = RunConfig.from_file(QUICK_STARTS.get(args.task, QUICK_START.format(task=args.task)))
     else:
         cfg = RunConfig()
     if args.task is not None and args.config and cfg.task != args.task:

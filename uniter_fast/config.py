@@ -365,7 +365,8 @@ class FinetuneConfig:
             raise ValueError(f"finetune.re_loss must be cls or rank, got {self.re_loss!r}")
 
 
-RUN_TASKS = ("pretrain", "vqa", "ve", "nlvr2", "retrieval", "re")  # uniter_fast.train.tasks
+# uniter_fast.train.tasks
+RUN_TASKS = ("pretrain", "pretrain-vcr", "vqa", "ve", "nlvr2", "retrieval", "re", "vcr")
 KERNEL_BACKENDS = ("auto", "reference", "triton")
 # The names of uniter_fast.model.attention.ATTENTION_BACKENDS (kept here: config imports no torch)
 ATTENTION_BACKENDS = ("auto", "flash", "varlen", "sdpa", "eager")

@@ -16,6 +16,12 @@ one. The tasks:
   expression names a concept that exactly one box shows, and that box is the target. The
   detected boxes are the ground-truth ones jittered a little (IoU with their own box above 0.5)
   plus 2..5 distractors, shuffled. Chance: the mean of 1 / boxes.
+- VCR: a frame of 2..4 objects (ground-truth boxes, each showing one concept; objects of the
+  first 3 concepts are persons) plus 4..8 detected boxes, with soft labels. A question names
+  an object (a person by its tag id, 28996 + its rank among the persons; another object by its
+  concept word); of the 4 answers, the right one names a concept the frame shows, the others
+  concepts it does not; the right rationale restates the right answer's concept, the others
+  name other concepts. Chance: Q->A 1/4, QA->R 1/4, Q->AR 1/16.
 - Retrieval: the pretraining synthetic shards (`uniter_fast.data.synthetic`) with short
   captions that name every concept an image shows (`RETRIEVAL_SPEC`). Chance of recall@1:
   1 / images of the split.
@@ -29,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import BERT_BASE_CASED, IMG_DIM
+from .schema import BERT_BASE_CASED, IMG_DIM, IMG_LABEL_DIM
 from .synthetic import SyntheticSpec, write_synthetic
 from .task_shards import TaskRecord, write_task_shards
 
@@ -45,8 +51,11 @@ CHANCE = {
     "ve": 1 / 3,
     "nlvr2": 1 / 2,
     "re": float(np.mean([1 / n for n in range(_RE_BOXES[0], _RE_BOXES[1] + 1)])),
+    "vcr": 1 / 16,
 }
-NUM_CLASSES = {"vqa": CONCEPTS, "ve": 3, "nlvr2": 2, "re": None}
+NUM_CLASSES = {"vqa": CONCEPTS, "ve": 3, "nlvr2": 2, "re": None, "vcr": None}
+_PERSONS = 3  # concepts 0..2 are persons
+_TAG = BERT_BASE_CASED.size  # the first object tag id
 RE_SIZE = (640, 480)  # the synthetic images' width and height in pixels
 
 
@@ -170,6 +179,68 @@ def _re_record(rng, protos, key: str) -> TaskRecord:
     )
 
 
+def _soft(concept: np.ndarray) -> np.ndarray:
+    soft = np.zeros((concept.size, IMG_LABEL_DIM), np.float16)
+    soft[:, 0] = 0.2
+    soft[np.arange(concept.size), 1 + concept] = 0.8
+    return soft
+
+
+def _vcr_record(rng, protos, key: str) -> TaskRecord:
+    n = int(rng.integers(2, 5))
+    concept = rng.choice(CONCEPTS, size=n, replace=False)
+    wh = 0.1 + rng.random((n, 2)) * 0.3
+    xy = rng.random((n, 2)) * (1 - wh)
+    feat = protos[concept] + 0.5 * rng.standard_normal((n, protos.shape[1]))
+    k = int(rng.integers(4, 9))
+    d_concept = rng.choice(concept, size=k)
+    d_wh = 0.1 + rng.random((k, 2)) * 0.3
+    d_xy = rng.random((k, 2)) * (1 - d_wh)
+    d_feat = protos[d_concept] + 0.5 * rng.standard_normal((k, protos.shape[1]))
+    objects = ["person" if c < _PERSONS else f"concept{c}" for c in concept]
+    absent = [c for c in range(CONCEPTS) if c not in set(concept.tolist())]
+    items = []
+    for j in range(int(rng.integers(1, 4))):
+        o = int(rng.integers(n))
+        if objects[o] == "person":
+            ref = _TAG + sum(1 for x in objects[:o] if x == "person")
+        else:
+            ref = _WORD + int(concept[o])
+        question = [*_filler(rng, int(rng.integers(1, 4))), ref]
+        right = int(rng.choice(concept))
+        wrong = [int(c) for c in rng.choice(absent, size=3, replace=False)]
+        a_label, r_label = int(rng.integers(4)), int(rng.integers(4))
+        shown = wrong[:a_label] + [right] + wrong[a_label:]
+        answers = [[*_filler(rng, int(rng.integers(1, 3))), _WORD + c] for c in shown]
+        others = [c for c in range(CONCEPTS) if c != right]
+        r_wrong = [int(c) for c in rng.choice(others, size=3, replace=False)]
+        stated = r_wrong[:r_label] + [right] + r_wrong[r_label:]
+        rationales = [[_WORD + c, *_filler(rng, int(rng.integers(1, 3)))] for c in stated]
+        items.append(
+            {
+                "id": f"{key}-q{j}",
+                "question": question,
+                "answers": answers,
+                "rationales": rationales,
+                "answer_label": a_label,
+                "rationale_label": r_label,
+            }
+        )
+    width, height = RE_SIZE
+    meta = {"image_id": key, "width": width, "height": height, "objects": objects}
+    return TaskRecord(
+        key,
+        "vcr",
+        [
+            (feat.astype(np.float16), _boxes_loc(xy, wh)),
+            (d_feat.astype(np.float16), _boxes_loc(d_xy, d_wh)),
+        ],
+        items,
+        meta,
+        soft=[_soft(concept), _soft(d_concept)],
+    )
+
+
 def task_records(task: str, images: int, *, seed: int, img_dim: int = IMG_DIM):
     """`images` TaskRecords of `task` (NLVR2: image pairs), deterministic in `seed`."""
     if task not in NUM_CLASSES:
@@ -178,8 +249,8 @@ def task_records(task: str, images: int, *, seed: int, img_dim: int = IMG_DIM):
     rng = np.random.default_rng(seed)
     for i in range(images):
         key = f"syn{task}-{seed}-{i:06d}"
-        if task == "re":
-            yield _re_record(rng, protos, key)
+        if task in ("re", "vcr"):
+            yield (_re_record if task == "re" else _vcr_record)(rng, protos, key)
             continue
         feat, loc, concept = _image(rng, protos)
         if task == "nlvr2":

@@ -26,6 +26,12 @@ not yet written. Then `scores.npy` (float32 [texts, images]), `scores_ids.json` 
 column ids) and recall@1/5/10 of image and text retrieval in metrics.json. A pretraining
 checkpoint evaluates zero-shot (its ITM "match" row becomes the rank head).
 
+VCR (`uniter_fast.tasks.vcr`): --vcr-mode val scores each question's 4 answers and its 4
+rationales conditioned on the right answer, and writes Q->A, QA->R and Q->AR to metrics.json;
+--vcr-mode test scores the 4 answers and all 16 answer-rationale pairs and writes the
+leaderboard's `predictions.csv` (annot_id, answer_0..3, rationale_conditioned_on_a{i}_{j}: the
+class-1 logits, as the reference's file holds logits, not probabilities).
+
 Referring expressions (`uniter_fast.tasks.refexp`): --data takes NAME=PATTERN entries, one per
 split (val, testA, testB; RefCOCOg val, test); each is scored with its ground-truth boxes and
 its detected boxes (--features). metrics.json holds the IoU accuracy of each split and feature
@@ -54,7 +60,12 @@ from ..data.pipeline import BadSamples
 from ..data.shards import list_shards
 from ..tasks.finetune import example_tokens, read_examples, token_batches
 from ..train.tasks import FINETUNE_TASKS, METRIC, get_task
-from .formats import nlvr2_consistency, read_answer_vocabulary, write_predictions
+from .formats import (
+    nlvr2_consistency,
+    read_answer_vocabulary,
+    write_predictions,
+    write_vcr_predictions,
+)
 
 log = logging.getLogger("uniter_fast.evaluate")
 
@@ -83,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=64,
         help="retrieval: texts per chunk, the unit of resumption (64)",
+    )
+    p.add_argument(
+        "--vcr-mode",
+        choices=["val", "test"],
+        default="val",
+        help="VCR: val (4 + 4 per question, metrics) or test (4 + 16, the leaderboard CSV)",
     )
     p.add_argument(
         "--features",
@@ -170,8 +187,10 @@ def evaluate(args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model.set_attention(cfg.attention, device, cfg.varlen_dropout, dtype=dtype)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype else _null()
-    if args.task in ("retrieval", "re"):
-        run = _evaluate_retrieval if args.task == "retrieval" else _evaluate_re
+    if args.task in ("retrieval", "re", "vcr"):
+        run = {"retrieval": _evaluate_retrieval, "re": _evaluate_re, "vcr": _evaluate_vcr}[
+            args.task
+        ]
         with autocast:
             metrics = run(args, model, weights, device, rank, world)
         if launched:
@@ -306,6 +325,52 @@ def _evaluate_retrieval(args, model, weights: Path, device, rank: int, world: in
     # The matrix is whole: the chunks have served (a rerun recomputes nothing).
     for chunk in (out_dir / "chunks").glob("rows-*.npy"):
         chunk.unlink()
+    return metrics
+
+
+def _evaluate_vcr(args, model, weights: Path, device, rank: int, world: int) -> dict:
+    from ..tasks.vcr import evaluate_vcr, read_questions
+
+    bad = BadSamples()
+    questions = read_questions(
+        list_shards(args.data), mode=args.vcr_mode, max_txt_len=None, bad=bad
+    )
+    if not questions:
+        raise ValueError(f"no VCR questions in {args.data}")
+    start = time.perf_counter()
+    result = evaluate_vcr(
+        model,
+        questions,
+        tokens_per_batch=args.tokens_per_batch,
+        device=device,
+        rank=rank,
+        world=world,
+        all_reduce=_all_reduce_sum if dist.is_initialized() else (lambda t: t),
+    )
+    predictions = result["predictions"]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, predictions)
+        predictions = [p for g in gathered for p in g]
+    if rank != 0:
+        return {}
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "task": "vcr",
+        "mode": args.vcr_mode,
+        "split": args.split,
+        "checkpoint": str(weights),
+        "data": list(args.data),
+        "questions": len(predictions),
+        "bad_samples": bad.by_reason(),
+        "seconds": time.perf_counter() - start,
+    }
+    if result["n"]:
+        metrics |= {k: result[k] for k in ("q2a", "qa2r", "q2ar", "loss")}
+    files = [write_vcr_predictions(out_dir, predictions, test=args.vcr_mode == "test")]
+    metrics["predictions"] = [str(f) for f in files]
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -8,6 +8,10 @@
   image pair is answered right, a sentence being the identifier without its pair number
   (`split-set-pair-sentence` -> `split-set-sentence`).
 - VE: `predictions.csv`, `id,label` with the label's name.
+- VCR: test mode, the leaderboard's `predictions.csv`: `annot_id`, `answer_0..3` and
+  `rationale_conditioned_on_a{i}_{j}` (i the answer, j the rationale), each the candidate's
+  class-1 logit (the reference's file holds logits); val mode, `predictions.json` with the same
+  logits per question (rationales conditioned on the right answer only).
 """
 
 from __future__ import annotations
@@ -94,9 +98,38 @@ def write_predictions(
     return [path]
 
 
+def write_vcr_predictions(out_dir: Path, predictions: list[dict], *, test: bool) -> Path:
+    """VCR's predictions (module docstring); `predictions`: {"id", "answer": [4], "rationale":
+    [[4], ...]} per question, as `uniter_fast.tasks.vcr.evaluate_vcr` returns them."""
+    if not test:
+        path = out_dir / "predictions.json"
+        _atomic_write(path, json.dumps(predictions) + "\n")
+        return path
+    path = out_dir / "predictions.csv"
+    tmp = path.with_name(path.name + ".tmp")
+    header = ["annot_id", *(f"answer_{i}" for i in range(4))]
+    header += [f"rationale_conditioned_on_a{i}_{j}" for i in range(4) for j in range(4)]
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for p in predictions:
+            if len(p["rationale"]) != 4:
+                raise ValueError(f"{p['id']}: test mode needs the 16 answer-rationale scores")
+            row = [p["id"], *p["answer"], *(v for r in p["rationale"] for v in r)]
+            writer.writerow(row)
+    os.replace(tmp, path)
+    return path
+
+
 def _qid(identifier: str):
     """VQA question ids are ints on the server; keep strings that are not."""
     return int(identifier) if identifier.isdigit() else identifier
 
 
-__all__ = ["VE_NAMES", "nlvr2_consistency", "read_answer_vocabulary", "write_predictions"]
+__all__ = [
+    "VE_NAMES",
+    "nlvr2_consistency",
+    "read_answer_vocabulary",
+    "write_predictions",
+    "write_vcr_predictions",
+]

@@ -13,6 +13,11 @@ logs, metrics, non-finite checks, summary) is the trainer's, shared by all.
 - `RetrievalTask` ("retrieval"): `UniterForRetrieval` on pretraining-layout shards, plain or
   hard-negative training (`uniter_fast.tasks.retrieval`), validated by the full evaluation
   (every text against every image): recall@1, the mean of image and text retrieval's.
+- `VcrTask` ("vcr"): `UniterForVcr` on "vcr" task shards (4 token types, 81 object tags),
+  Q->A and QA->R candidates, validated with Q->A, QA->R and Q->AR (`uniter_fast.tasks.vcr`).
+- `VcrPretrainTask` ("pretrain-vcr"): the second pretraining stage, `UniterForVcrPretraining`
+  with MLM, MRFR and MRC-kl on [CLS] q [SEP] a [SEP] r [SEP] (mix 2:1:1 unless the dataset's
+  `mix` says otherwise), validated with each task's loss and the MLM accuracy.
 - `ReTask` ("re"): `UniterForReferringExpressions` on "re" task shards, trained on the
   ground-truth boxes, validated on both the ground-truth and the detected boxes (IoU accuracy,
   `uniter_fast.tasks.refexp`).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,12 +38,15 @@ from ..model import (
     UniterForPretraining,
     UniterForReferringExpressions,
     UniterForRetrieval,
+    UniterForVcr,
+    UniterForVcrPretraining,
     UniterForVisualEntailment,
     UniterForVqa,
 )
 
-FINETUNE_TASKS = ("vqa", "ve", "nlvr2", "retrieval", "re")
-TASK_NAMES = ("pretrain", *FINETUNE_TASKS)
+FINETUNE_TASKS = ("vqa", "ve", "nlvr2", "retrieval", "re", "vcr")
+TASK_NAMES = ("pretrain", "pretrain-vcr", *FINETUNE_TASKS)
+VCR_MIX = {"mlm": 2.0, "mrfr": 1.0, "mrckl": 1.0}  # the base recipe's (large: 10:1:1)
 # What the summary's headline figure is called, per downstream task.
 METRIC = {
     "vqa": "vqa_soft_accuracy",
@@ -45,6 +54,8 @@ METRIC = {
     "nlvr2": "accuracy",
     "retrieval": "recall_at_1",
     "re": "accuracy",
+    "vcr": "q2ar",
+    "pretrain-vcr": "mlm_acc",
 }
 
 
@@ -313,8 +324,165 @@ class ReTask(FinetuneTask):
         return out
 
 
+class VcrTask(FinetuneTask):
+    """VCR fine-tuning (module docstring)."""
+
+    def __init__(self):
+        super().__init__("vcr")
+
+    def num_classes(self, cfg) -> None:
+        return None
+
+    def build_model(self, cfg, model_config) -> nn.Module:
+        return UniterForVcr(
+            model_config, attention=cfg.attention, varlen_dropout=cfg.varlen_dropout
+        )
+
+    def loader(self, urls, cfg, *, rank: int, world: int, pin_memory: bool, state: dict | None):
+        from ..tasks.vcr import VcrLoader
+
+        if cfg.data.mode != "exact":
+            raise ValueError(
+                f"vcr holds its split in memory: data.mode must be exact, got {cfg.data.mode!r}"
+            )
+        return VcrLoader(
+            urls,
+            tokens_per_batch=cfg.data.tokens_per_batch,
+            seed=cfg.seed,
+            max_txt_len=cfg.finetune.max_txt_len,
+            rank=rank,
+            world_size=world,
+            pin_memory=pin_memory,
+            state=state,
+        )
+
+    def validation_examples(self, urls, cfg):
+        from ..tasks.vcr import read_questions
+
+        bad = BadSamples()
+        return read_questions(list_shards(urls), mode="val", max_txt_len=None, bad=bad), bad
+
+    @torch.no_grad()
+    def evaluate(self, engine, questions, cfg, *, device, rank, world, all_reduce) -> dict:
+        from ..tasks.vcr import evaluate_vcr
+
+        module = engine.module
+        was_training = module.training
+        engine.eval()
+        result = evaluate_vcr(
+            engine,
+            questions,
+            tokens_per_batch=cfg.data.tokens_per_batch,
+            device=device,
+            rank=rank,
+            world=world,
+            all_reduce=all_reduce,
+        )
+        engine.train(was_training)
+        return {k: result[k] for k in ("q2ar", "q2a", "qa2r", "loss", "n")}
+
+
+class VcrPretrainTask(FinetuneTask):
+    """The second pretraining stage on VCR (module docstring)."""
+
+    def __init__(self):
+        self.name = "pretrain-vcr"
+
+    def num_classes(self, cfg) -> None:
+        return None
+
+    def build_model(self, cfg, model_config) -> nn.Module:
+        return UniterForVcrPretraining(
+            model_config,
+            wra_weight=cfg.wra_weight,
+            kernels=cfg.kernels,
+            attention=cfg.attention,
+            varlen_dropout=cfg.varlen_dropout,
+        )
+
+    def head_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return []
+
+    def forward(self, engine, batch, task: str) -> dict:
+        return engine(batch, task)
+
+    def chance(self, cfg) -> None:
+        return None
+
+    def write_synthetic(self, data_dir: Path, cfg) -> None:
+        from ..data.synthetic_tasks import write_task_data
+
+        data = cfg.data
+        write_task_data(data_dir / "train", "vcr", data.synthetic_images, seed=cfg.seed)
+        if data.synthetic_val_images:
+            write_task_data(data_dir / "val", "vcr", data.synthetic_val_images, seed=cfg.seed + 1)
+
+    def mix(self, cfg) -> dict[str, float]:
+        if not cfg.data.train:
+            return dict(VCR_MIX)
+        mix: dict[str, float] = {}
+        for source in cfg.data.train:
+            for task, ratio in source.mix.items():
+                mix[task] = mix.get(task, 0.0) + ratio
+        return mix
+
+    def loader(self, urls, cfg, *, rank: int, world: int, pin_memory: bool, state: dict | None):
+        from ..tasks.vcr import VcrPretrainLoader
+
+        return VcrPretrainLoader(
+            urls,
+            tokens_per_batch=cfg.data.tokens_per_batch,
+            seed=cfg.seed,
+            mix=self.mix(cfg),
+            rank=rank,
+            world_size=world,
+            pin_memory=pin_memory,
+            state=state,
+        )
+
+    def validation_examples(self, urls, cfg):
+        from ..tasks.vcr import VcrPretrainLoader
+
+        loader = VcrPretrainLoader(
+            list_shards(urls), tokens_per_batch=cfg.data.tokens_per_batch, seed=0, mix=VCR_MIX
+        )
+        return loader, loader.bad
+
+    @torch.no_grad()
+    def evaluate(self, engine, loader, cfg, *, device, rank, world, all_reduce) -> dict:
+        """Each task's loss (and the MLM accuracy) over one deterministic pass of the validation
+        questions, masked with a fixed seed; the ranks take every world-th batch."""
+        from ..data.collate import collate
+        from ..tasks.vcr import VCR_PRETRAIN_TASKS, mask_for
+
+        module = engine.module
+        was_training = module.training
+        engine.eval()
+        batches = loader._batches()
+        out: dict[str, float] = {}
+        for t, task in enumerate(VCR_PRETRAIN_TASKS):
+            totals = torch.zeros(3, dtype=torch.float64, device=device)
+            for k in range(rank, len(batches), world):
+                rng = np.random.default_rng([t, k])
+                examples = [mask_for(task, loader.items[i], rng) for i in batches[k]]
+                res = engine(collate(examples, task=task).to(device), task, metrics=True)
+                acc = res.get("mlm_acc", torch.zeros((), device=device))
+                totals += torch.stack(
+                    [torch.ones((), device=device), res[task].double(), acc.double()]
+                ).to(torch.float64)
+            n, loss, acc = all_reduce(totals).tolist()
+            out[f"{task}_loss"] = loss / max(n, 1)
+            if task == "mlm":
+                out["mlm_acc"] = acc / max(n, 1)
+        engine.train(was_training)
+        out["n"] = len(loader.items)
+        return out
+
+
 TASKS = {
     "pretrain": PretrainTask(),
+    "pretrain-vcr": VcrPretrainTask(),
+    "vcr": VcrTask(),
     **{name: FinetuneTask(name) for name in ("vqa", "ve", "nlvr2")},
     "retrieval": RetrievalTask(),
     "re": ReTask(),
@@ -338,6 +506,8 @@ __all__ = [
     "FinetuneTask",
     "PretrainTask",
     "ReTask",
+    "VcrPretrainTask",
+    "VcrTask",
     "RetrievalTask",
     "get_task",
 ]

@@ -63,7 +63,19 @@ log = logging.getLogger("uniter_fast.train")
 EVAL_TASKS = ("itm", "mlm", "mrckl", "mrfr")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_VALIDATION = "no validation data: data.val (--val-data) is empty, so this run validates nothing"
-TASK_CODES = ("itm", "mlm", "mrfr", "mrc", "mrckl", "vqa", "ve", "nlvr2", "retrieval", "re")
+TASK_CODES = (
+    "itm",
+    "mlm",
+    "mrfr",
+    "mrc",
+    "mrckl",
+    "vqa",
+    "ve",
+    "nlvr2",
+    "retrieval",
+    "re",
+    "vcr",
+)
 _NO_BAD = 2**62
 # Test hook for the fault tests (tests/test_faults.py): "nan@STEP" makes rank 0's loss NaN from
 # optimizer step STEP on; "kill-in-save@STEP" SIGKILLs rank 0 inside the save of step STEP, after
@@ -247,7 +259,7 @@ def prepare(cfg: RunConfig) -> Run:
     synthetic = not cfg.data.train
     if synthetic:
         data_dir = output_dir / "data"
-        mix = dict(DEFAULT_MIX) if cfg.task == "pretrain" else {}
+        mix = dict(DEFAULT_MIX) if cfg.task == "pretrain" else {}  # pretrain-vcr: its plug-in
         sources = [TrainSource("synthetic", [str(data_dir / "train")], mix)]
         val_urls = [str(data_dir / "val")] if cfg.data.synthetic_val_images else []
     else:
@@ -564,7 +576,7 @@ def _build_engine(run: Run, rank: int, world: int):
             barrier()
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
             source = universal
-    heads = task.head_parameters(model) if cfg.task != "pretrain" else []
+    heads = task.head_parameters(model) if cfg.task != "pretrain" else []  # VCR stage 2: none
     engine = Engine(
         model,
         cfg.optim,
@@ -988,7 +1000,7 @@ def _headline(run: Run, val: dict) -> dict:
     """A downstream run's validation figure: metric, value and the task's chance level."""
     if run.cfg.task == "pretrain":
         return {}
-    metric = METRIC[run.cfg.task]
+    metric = METRIC[run.cfg.task]  # pretrain-vcr: the validation's MLM accuracy
     return {
         "metric": metric,
         "value": val.get(metric),
