@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,15 @@ import yaml
 from conftest import TINY
 from PIL import Image
 
-from uniter_fast import UniterForPretraining, save_reference
+from uniter_fast import UniterForPretraining, UniterForVcrPretraining, save_reference
 from uniter_fast.config import RunConfig
 from uniter_fast.data import collate
-from uniter_fast.data.shards import iter_shard
+from uniter_fast.data.shards import iter_shard, list_shards
 from uniter_fast.data.synthetic import write_synthetic
+from uniter_fast.data.synthetic_tasks import task_records, write_task_data
+from uniter_fast.data.task_shards import iter_task_shard, write_task_shards
 from uniter_fast.inspect import (
+    InspectError,
     align_pair,
     build_example,
     encode,
@@ -34,7 +38,9 @@ from uniter_fast.inspect import (
     main,
     pack,
     sample_pairs,
+    token_names,
 )
+from uniter_fast.inspect.pairs import data_kind
 from uniter_fast.inspect.render import (
     alignment_figure_size,
     attention_figure_size,
@@ -46,6 +52,9 @@ from uniter_fast.ops.ot import (
     wra_distance_packed_reference,
     wra_distance_reference,
 )
+from uniter_fast.tasks.vcr import pretrain_example
+
+TAG_BASE = 28996  # VCR's object tags: ids 28996 + p, shown as <person p>
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +288,171 @@ def test_refused_models_and_options(world, tmp_path, capsys):
         == 2
     )
     assert "--head 4" in capsys.readouterr().err
+
+
+# --- the VCR pretraining stage -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vcr(world):
+    """Synthetic VCR task shards and a random tiny UniterForVcrPretraining in a run folder."""
+    root = world["root"] / "vcr"
+    write_task_data(root / "shards", "vcr", 4, seed=0)
+    torch.manual_seed(1)
+    model = UniterForVcrPretraining(TINY).eval()
+    run = root / "run"
+    run.mkdir()
+    save_reference(model, run / "model_reference.pt")
+    cfg = RunConfig(task="pretrain-vcr", model_config=world["config"], output_dir=str(run))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    urls = list_shards(str(root / "shards"))
+    records = {r.key: r for url in urls for r in iter_task_shard(url, "vcr")}
+    return {"root": root, "shards": str(root / "shards"), "run": str(run), "records": records}
+
+
+def _question_text(record, item) -> str:
+    """What the index shows: question | right answer | right rationale, ids as the inspector
+    names them (no vocabulary)."""
+    parts = [
+        item["question"],
+        item["answers"][item["answer_label"]],
+        item["rationales"][item["rationale_label"]],
+    ]
+    return " | ".join(" ".join(token_names(part, None)) for part in parts)
+
+
+def _check_tags(tokens: list[str], ids: list[int]) -> int:
+    tags = 0
+    for token, i in zip(tokens, ids, strict=True):
+        if i >= TAG_BASE:
+            assert token == f"<person {i - TAG_BASE}>"
+            tags += 1
+        else:
+            assert not token.startswith("<person")
+    return tags
+
+
+def test_vcr_alignment_is_wra_of_the_stage_sequence(world, vcr):
+    model, notes = load_model(vcr["run"])
+    assert type(model) is UniterForVcrPretraining
+    assert any("neither ITM nor WRA" in note for note in notes)
+    assert data_kind(vcr["shards"]) == "vcr" and data_kind(world["shards"]) == "pretrain"
+    pairs = sample_pairs(vcr["shards"], 100, seed=0)
+    assert len(pairs) == sum(len(r.items) for r in vcr["records"].values())
+    tags = 0
+    for pair in pairs:
+        assert pair.kind == "vcr"
+        ex = pretrain_example(pair.record, pair.item)
+        a = align_pair(model, pair)
+        m, n = len(ex["input_ids"]), len(ex["img_feat"])
+        assert a.plan.shape == a.cost.shape == (m, n) and n == pair.record.num_regions
+        assert a.text_index.tolist() == list(range(m))
+        assert a.input_ids.tolist() == ex["input_ids"].tolist()
+        assert a.txt_type_ids.tolist() == ex["txt_type_ids"].tolist()
+        tags += _check_tags(token_names(a.input_ids, None), a.input_ids.tolist())
+
+        # Ground-truth boxes first, named by their objects (persons by their tag's rank).
+        objects = pair.record.meta["objects"]
+        names = pair.region_names()
+        gt = len(objects)
+        assert pair.ground_truth_regions == gt and names[gt:] == [""] * (n - gt)
+        persons = [k for k, o in enumerate(objects) if o == "person"]
+        for k, obj in enumerate(objects):
+            assert names[k] == (f"person {persons.index(k)}" if obj == "person" else obj)
+
+        # The distance of training's packed WRA on the same states, types included.
+        batch = collate([ex], task="pairs")
+        assert batch.txt_type_ids is not None
+        assert batch.txt_type_ids.tolist() == ex["txt_type_ids"].tolist()
+        hidden = encode(model, batch)
+        packed = wra_distance_packed_reference(
+            hidden,
+            batch.cu_seqlens,
+            batch.txt_len,
+            batch.img_len,
+            batch.max_txt_len,
+            batch.max_img_len,
+            beta=model.wra_beta,
+            iterations=model.wra_iterations,
+        )
+        assert a.wra_distance == pytest.approx(float(packed[0]), rel=1e-5)
+        # The token types reach the encoder: all-zero types give other states.
+        untyped = collate([{k: v for k, v in ex.items() if k != "txt_type_ids"}], task="pairs")
+        assert not torch.allclose(encode(model, untyped), hidden)
+
+        words = align_pair(model, pair, text_rows="words")
+        kept = [i for i, t in enumerate(ex["input_ids"].tolist()) if t not in (101, 102)]
+        assert words.text_index.tolist() == kept and words.plan.shape == (len(kept), n)
+    assert tags > 0  # the synthetic questions name persons by their tags
+
+
+def test_vcr_commands_write_pictures_and_numbers(vcr, tmp_path):
+    out = tmp_path / "align"
+    args = ["align", "--checkpoint", vcr["run"], "--data", vcr["shards"], "--out", str(out)]
+    assert main([*args, "--pairs", "3", "--seed", "2", "--quiet"]) == 0
+    report = json.loads((out / "pairs.json").read_text())
+    assert report["data_kind"] == "vcr" and report["model"] == "UniterForVcrPretraining"
+    page = (out / "index.html").read_text()
+    assert len(report["pairs"]) == 3
+    for p in report["pairs"]:
+        record = vcr["records"][p["key"]]
+        item = record.items[p["caption_index"]]
+        ex = pretrain_example(record, item)
+        m, n = len(p["tokens"]), p["regions"]
+        assert m == len(ex["input_ids"]) and n == len(ex["img_feat"])
+        assert np.asarray(p["plan"]).shape == (m, n)
+        assert p["token_ids"] == ex["input_ids"].tolist()
+        assert p["token_types"] == ex["txt_type_ids"].tolist()
+        _check_tags(p["tokens"], p["token_ids"])
+        assert p["tokens"].count("[SEP]") == 3 and p["question_id"] == item["id"]
+        assert p["caption"] == _question_text(record, item)
+        gt = p["ground_truth_regions"]
+        assert gt == len(record.meta["objects"])
+        assert all(
+            label.split()[1:2] == [obj]
+            for label, obj in zip(p["region_labels"][:gt], record.meta["objects"], strict=True)
+        )
+        assert p["region_labels"][gt:] == [f"r{j}" for j in range(gt, n)]
+        with Image.open(out / p["png"]) as im:
+            im.load()
+            meta = record.meta
+            assert im.size == figure_pixels(
+                alignment_figure_size(m, n, meta["width"], meta["height"])
+            )
+        assert f'src="{p["png"]}"' in page and f"{p['key']}/{p['caption_index']}" in page
+        assert html_escape(p["caption"]) in page
+
+    key = next(k for k, r in vcr["records"].items() if len(r.items) > 1)
+    out = tmp_path / "attention"
+    args = ["attention", "--checkpoint", vcr["run"], "--data", vcr["shards"], "--out", str(out)]
+    args += ["--keys", f"{key}/1", "--layer", "0", "--head", "1", "--data-kind", "vcr"]
+    assert main([*args, "--quiet"]) == 0
+    record = vcr["records"][key]
+    length = len(pretrain_example(record, record.items[1])["input_ids"]) + record.num_regions
+    with Image.open(out / "pair-000.png") as im:
+        assert im.size == figure_pixels(attention_figure_size(length))
+    page = (out / "index.html").read_text()
+    assert f"{key}/1" in page and html_escape(_question_text(record, record.items[1])) in page
+
+
+def test_vcr_refusals(world, vcr, tmp_path, capsys):
+    # A first-stage model has neither the tags' words nor 4 token types.
+    args = _args(world, "align", tmp_path / "a", "--pairs", "1")
+    args[args.index("--data") + 1] = vcr["shards"]
+    assert main(args) == 2
+    assert "pretrain-vcr" in capsys.readouterr().err
+    # Shards of the other kind than asked for.
+    args = ["align", "--checkpoint", vcr["run"], "--data", vcr["shards"], "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "b"), "--data-kind", "pretrain"]) == 2
+    assert "--data-kind auto" in capsys.readouterr().err
+    # A test split has no right answer or rationale to build the sequence from.
+    records = list(task_records("vcr", 2, seed=3))
+    for record in records:
+        for item in record.items:
+            item.pop("answer_label")
+            item.pop("rationale_label")
+    write_task_shards(tmp_path / "test", records, prefix="vcr-test")
+    with pytest.raises(InspectError, match="test split"):
+        sample_pairs(str(tmp_path / "test"), 2)
+    with pytest.raises(InspectError, match="test split"):
+        find_pairs(str(tmp_path / "test"), [records[0].key])

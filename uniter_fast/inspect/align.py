@@ -5,9 +5,14 @@ take the text rows and the region rows of the packed hidden states, and compute 
 and the IPOT plan with the reference functions of `uniter_fast.ops.ot` and the model's own
 `wra_beta` / `wra_iterations`. Which text rows: WRA in training (`gather_pairs`) takes every text
 position of the pair, [CLS] and [SEP] included, so "all" (the default) gives the plan and the
-distance the training loss sees; "words" leaves [CLS] and [SEP] out and solves the transport
-between the caption's WordPiece tokens and the regions alone (a different problem: its distance
-is not the training's).
+distance the training loss sees; "words" leaves [CLS] and every [SEP] out and solves the
+transport between the text's WordPiece tokens and the regions alone (a different problem: its
+distance is not the training's).
+
+A VCR question (`pairs`: [CLS] q [SEP] a_gt [SEP] r_gt [SEP], types 0 / 2 / 3, ground-truth then
+detected boxes) goes the same way: the sequence the second pretraining stage encodes, packed as
+one pair. That stage trains no WRA itself, so its plan shows how the encoder's text and region
+states relate under the first stage's objective, not a loss the stage minimised.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.collate import collate
-from ..data.schema import Batch
+from ..data.schema import BERT_BASE_CASED, Batch
 from ..ops.ot import cosine_cost, ipot_plan
 from .loading import InspectError
 from .pairs import Pair, build_example
@@ -30,8 +35,9 @@ TEXT_ROWS = ("all", "words")
 class Alignment:
     """What the pictures show for one pair.
 
-    input_ids: (txt_len,) the packed text, [CLS] caption [SEP].
-    text_index: (m,) positions in `input_ids` of the plan's rows (all of them, or the caption's).
+    input_ids: (txt_len,) the packed text, [CLS] caption [SEP] (VCR: [CLS] q [SEP] a [SEP] r [SEP]).
+    txt_type_ids: (txt_len,) the text's token types when the pair has them (VCR), else None.
+    text_index: (m,) positions in `input_ids` of the plan's rows (all of them, or the words').
     plan: (m, n) the IPOT transport plan, text rows by regions (IPOT's own T is its transpose).
     cost: (m, n) the cosine cost 1 - cos(w_i, v_j).
     wra_distance: sum(cost * plan), the pair's WRA distance.
@@ -46,6 +52,7 @@ class Alignment:
     wra_distance: float
     itm_match: float | None
     text_rows: str = "all"
+    txt_type_ids: np.ndarray | None = None
 
     @property
     def num_regions(self) -> int:
@@ -78,24 +85,46 @@ def encode(model, batch: Batch) -> torch.Tensor:
 
 
 def pack(model, pair: Pair) -> Batch:
-    """The pair collated as the "pairs" task (text and regions, no targets), on the model's
-    device. Raises InspectError naming the key when its features do not fit the model."""
-    feat = pair.record.feat
+    """The pair collated as the "pairs" task (text and regions, no targets; VCR's token types
+    ride along as `txt_type_ids`), on the model's device. Raises InspectError naming the key
+    when its features, words or token types do not fit the model."""
+    where = f"sample {pair.key!r} ({pair.record.shard or 'no shard'})"
+    feat, _ = pair.regions()
     img_dim = model.uniter.img_embeddings.img_linear.in_features
     if feat.ndim != 2 or feat.shape[1] != img_dim:
         raise InspectError(
-            f"sample {pair.key!r} ({pair.record.shard or 'no shard'}): region features of shape "
-            f"{tuple(feat.shape)}, the model takes {img_dim}-d features"
+            f"{where}: region features of shape {tuple(feat.shape)}, the model takes "
+            f"{img_dim}-d features"
+        )
+    example = build_example(pair)
+    embeddings = model.uniter.embeddings
+    words = embeddings.word_embeddings.num_embeddings
+    top = int(np.max(example["input_ids"]))
+    if top >= words:
+        raise InspectError(
+            f"{where}: token id {top} is past the model's {words} words (VCR's object tags are "
+            f"ids {BERT_BASE_CASED.size} and up: they need a pretrain-vcr checkpoint)"
+        )
+    types = example.get("txt_type_ids")
+    num_types = embeddings.token_type_embeddings.num_embeddings
+    if types is not None and int(np.max(types)) >= num_types:
+        raise InspectError(
+            f"{where}: token type {int(np.max(types))}, the model has {num_types} types (VCR's "
+            f"sequences use 4: they need a pretrain-vcr checkpoint)"
         )
     device = next(model.parameters()).device
-    return collate([build_example(pair)], task="pairs").to(device)
+    batch = collate([example], task="pairs")
+    if types is not None and batch.txt_type_ids is None:
+        raise InspectError(f"{where}: the collated batch lost the pair's token types")
+    return batch.to(device)
 
 
 def pair_rows(batch: Batch, b: int = 0, text_rows: str = "all") -> tuple[torch.Tensor, ...]:
     """Packed rows of sequence b: (text rows, region rows, text_index within input_ids).
 
     text_rows "all" are the rows WRA reads in training (`ops.ot.gather_pairs`: every text
-    position, [CLS] and [SEP] included); "words" drops the first ([CLS]) and last ([SEP]).
+    position, [CLS] and [SEP] included); "words" drops [CLS] and every [SEP] (a caption's first
+    and last position; VCR's [SEP]s between question, answer and rationale too).
     """
     if text_rows not in TEXT_ROWS:
         raise InspectError(f"text rows must be one of {', '.join(TEXT_ROWS)}, got {text_rows!r}")
@@ -104,9 +133,12 @@ def pair_rows(batch: Batch, b: int = 0, text_rows: str = "all") -> tuple[torch.T
     device = batch.cu_seqlens.device
     text_index = torch.arange(t, device=device)
     if text_rows == "words":
-        if t < 3:
-            raise InspectError("text rows 'words': the caption has no token besides [CLS]/[SEP]")
-        text_index = text_index[1:-1]
+        first = int(batch.txt_len[:b].sum())  # input_ids holds the texts alone, back to back
+        ids = batch.input_ids[first : first + t]
+        words = (ids != BERT_BASE_CASED.cls_id) & (ids != BERT_BASE_CASED.sep_id)
+        if not bool(words.any()):
+            raise InspectError("text rows 'words': the text has no token besides [CLS]/[SEP]")
+        text_index = text_index[words]
     return start + text_index, start + t + torch.arange(n, device=device), text_index
 
 
@@ -146,4 +178,5 @@ def align_pair(model, pair: Pair, *, text_rows: str = "all") -> Alignment:
         wra_distance=float(distance[0]),
         itm_match=None if itm is None else float(itm[0]),
         text_rows=text_rows,
+        txt_type_ids=None if batch.txt_type_ids is None else batch.txt_type_ids.cpu().numpy(),
     )

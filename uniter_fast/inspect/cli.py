@@ -14,7 +14,7 @@ from ..data.shards import ShardFormatError
 from .align import TEXT_ROWS, Alignment, align_pair, pack
 from .attention import head_attention
 from .loading import InspectError, caption_text, load_model, load_vocab, token_names
-from .pairs import Pair, find_pairs, sample_pairs
+from .pairs import DATA_KINDS, Pair, data_kind, find_pairs, sample_pairs
 from .render import (
     AlignmentView,
     IndexEntry,
@@ -58,15 +58,31 @@ def _common(p: argparse.ArgumentParser) -> None:
         "(then --model-config is needed)",
     )
     p.add_argument(
-        "--data", required=True, help="pretraining shards: a file, folder, glob or {a..b}"
+        "--data",
+        required=True,
+        help="pretraining shards or VCR task shards: a file, folder, glob or {a..b}",
+    )
+    p.add_argument(
+        "--data-kind",
+        choices=DATA_KINDS,
+        default="auto",
+        help="pretrain: pretraining shards (a pair is a caption); vcr: VCR task shards (a pair "
+        "is a question: [CLS] q [SEP] a [SEP] r [SEP] as the VCR pretraining stage builds it); "
+        "auto: as the first sample says (default)",
     )
     p.add_argument("--out", required=True, help="output folder (created): PNGs and index.html")
     which = p.add_mutually_exclusive_group()
     which.add_argument(
-        "--pairs", type=_positive, default=None, help="random (image, caption) pairs (default 8)"
+        "--pairs",
+        type=_positive,
+        default=None,
+        help="random (image, caption) pairs, or VCR questions (default 8)",
     )
     which.add_argument(
-        "--keys", nargs="+", metavar="KEY", help="sample keys: KEY (caption 0) or KEY/j"
+        "--keys",
+        nargs="+",
+        metavar="KEY",
+        help="sample keys: KEY (caption or question 0) or KEY/j",
     )
     p.add_argument("--model-config", help="model JSON (for a weights file; overrides a run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pairs (default 0)")
@@ -130,10 +146,20 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _pairs(args) -> list[Pair]:
+def _pairs(args) -> tuple[list[Pair], str]:
+    """The chosen pairs and the kind of shards they come from."""
+    kind = data_kind(args.data, args.data_kind)
     if args.keys:
-        return find_pairs(args.data, args.keys)
-    return sample_pairs(args.data, args.pairs or 8, seed=args.seed, progress=not args.quiet)
+        return find_pairs(args.data, args.keys, kind=kind), kind
+    pairs = sample_pairs(
+        args.data, args.pairs or 8, seed=args.seed, progress=not args.quiet, kind=kind
+    )
+    return pairs, kind
+
+
+def pair_caption(pair: Pair, vocab: list[str] | None) -> str:
+    """The pair's text as words: the caption, or VCR's question | answer | rationale."""
+    return " | ".join(caption_text(token_names(part, vocab)) for part in pair.text_parts())
 
 
 def _progress(items, args, what: str):
@@ -143,14 +169,26 @@ def _progress(items, args, what: str):
 
 
 def _alignment_record(a: Alignment, tokens: list[str], caption: str, png: str) -> dict:
-    return {
+    pair = a.pair
+    record = {
         "png": png,
-        "key": a.pair.key,
-        "caption_index": a.pair.caption,
+        "key": pair.key,
+        "kind": pair.kind,
+        # the caption's index, or (VCR) the question's
+        "caption_index": pair.caption,
         "caption": caption,
         "tokens": tokens,
         "token_ids": [int(a.input_ids[i]) for i in a.text_index],
+    }
+    if a.txt_type_ids is not None:
+        record["token_types"] = [int(a.txt_type_ids[i]) for i in a.text_index]
+    if pair.kind == "vcr":
+        record["question_id"] = pair.item["id"]
+        record["ground_truth_regions"] = pair.ground_truth_regions
+    return {
+        **record,
         "regions": a.num_regions,
+        "region_labels": pair.region_labels(),
         "wra_distance": a.wra_distance,
         "itm_match_prob": a.itm_match,
         "text_rows": a.text_rows,
@@ -170,6 +208,13 @@ def _sorted(records: list[dict], sort: str) -> list[dict]:
     return records
 
 
+def _regions_text(pair: Pair) -> str:
+    gt = pair.ground_truth_regions
+    if not gt:
+        return str(pair.num_regions)
+    return f"{pair.num_regions} ({gt} ground-truth, {pair.num_regions - gt} detected)"
+
+
 def _fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -181,7 +226,7 @@ def run_align(args) -> int:
     )
     for note in notes:
         print(f"{PROG}: warning: {note}", file=sys.stderr)
-    pairs = _pairs(args)
+    pairs, kind = _pairs(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -189,25 +234,30 @@ def run_align(args) -> int:
         a = align_pair(model, pair, text_rows=args.text_rows)
         tokens = token_names(a.input_ids[a.text_index], vocab)
         png = f"pair-{i:03d}.png"
-        caption = caption_text(token_names(pair.record.captions[pair.caption], vocab))
+        caption = pair_caption(pair, vocab)
         record = _alignment_record(a, tokens, caption, png)
         itm = _fmt(a.itm_match, 3)
         view = AlignmentView(
             plan=a.plan,
             tokens=tokens,
-            boxes=pair.record.loc[:, :4],
+            boxes=pair.regions()[1][:, :4],
             title=f"{pair.name}: {record['caption']}",
             stats=f"WRA distance {a.wra_distance:.4f}    ITM P(match) {itm}",
             canvas=load_canvas(args.images, pair.key, pair.record.meta),
             max_boxes=args.boxes,
-            note="" if args.text_rows == "all" else "text rows: caption tokens only",
+            note="" if args.text_rows == "all" else "text rows: words only (no [CLS] / [SEP])",
+            region_labels=pair.region_labels(),
+            ground_truth=pair.ground_truth_regions,
         )
         draw_alignment(view, out / png)
         records.append(record)
+    by_name = {f"pair-{i:03d}.png": pair for i, pair in enumerate(pairs)}
     records = _sorted(records, args.sort)
     model_info = {
         "checkpoint": str(args.checkpoint),
+        "model": type(model).__name__,
         "data": str(args.data),
+        "data_kind": kind,
         "wra_beta": model.wra_beta,
         "wra_iterations": model.wra_iterations,
         "text_rows": args.text_rows,
@@ -227,7 +277,7 @@ def run_align(args) -> int:
                 stats=[
                     ("WRA distance", f"{r['wra_distance']:.4f}"),
                     ("ITM P(match)", _fmt(r["itm_match_prob"], 3)),
-                    ("regions", str(r["regions"])),
+                    ("regions", _regions_text(by_name[r["png"]])),
                 ],
             )
             for r in records
@@ -246,7 +296,7 @@ def run_attention(args) -> int:
         device=_device(args.device),
         need_pretraining=False,
     )
-    pairs = _pairs(args)
+    pairs, kind = _pairs(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -261,15 +311,16 @@ def run_attention(args) -> int:
             )
         num_text = int(batch.txt_len[0])
         tokens = token_names(batch.input_ids.cpu().numpy(), vocab)
-        labels = tokens + [f"r{j}" for j in range(int(batch.img_len[0]))]
+        labels = tokens + pair.region_labels()
         png = f"pair-{i:03d}.png"
-        caption = caption_text(tokens[1:-1])
+        caption = pair_caption(pair, vocab)
         draw_attention(
             att.probs.cpu().double().numpy(),
             labels,
             num_text,
             f"{pair.name}: layer {args.layer}, head {args.head}: {caption}",
             out / png,
+            ground_truth=pair.ground_truth_regions,
         )
         text_to_regions = float(att.probs[:num_text, num_text:].sum(dim=1).mean())
         entries.append(
@@ -279,7 +330,7 @@ def run_attention(args) -> int:
                 caption=caption,
                 stats=[
                     ("text tokens", str(num_text)),
-                    ("regions", str(int(batch.img_len[0]))),
+                    ("regions", _regions_text(pair)),
                     ("mean attention of text queries on regions", f"{text_to_regions:.3f}"),
                 ],
             )
@@ -287,7 +338,13 @@ def run_attention(args) -> int:
     write_index(
         out / "index.html",
         f"Attention maps, layer {args.layer}, head {args.head}",
-        [("checkpoint", str(args.checkpoint)), ("data", str(args.data)), ("seed", str(args.seed))],
+        [
+            ("checkpoint", str(args.checkpoint)),
+            ("model", type(model).__name__),
+            ("data", str(args.data)),
+            ("data_kind", kind),
+            ("seed", str(args.seed)),
+        ],
         entries,
     )
     if not args.quiet:

@@ -11,10 +11,13 @@ from torch import nn
 from ..config import RunConfig, UniterConfig
 from ..convert import load_pretrained
 from ..data.schema import BERT_BASE_CASED
-from ..model import UniterForPretraining
+from ..data.task_shards import VCR_VOCAB_SIZE
+from ..model import UniterForPretraining, UniterForVcrPretraining
 
 RUN_WEIGHTS = "model_reference.pt"
 RUN_RECIPE = "config.yaml"
+# VCR's object tags (`uniter_fast.convert.vcr`): word ids TAG_BASE + p for the person of rank p.
+TAG_BASE = BERT_BASE_CASED.size
 # Key prefixes whose absence from a checkpoint makes a picture meaningless (random weights).
 _ENCODER_PREFIX = "uniter."
 _ITM_PREFIX = "itm_output."
@@ -46,6 +49,7 @@ def load_model(
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    hint = ""  # appended to a shape mismatch
     if path.is_dir():
         weights, recipe = path / RUN_WEIGHTS, path / RUN_RECIPE
         for needed in (weights, recipe):
@@ -70,6 +74,9 @@ def load_model(
             )
         weights = path
         model = UniterForPretraining(_model_config(model_config, None))
+        # A second-stage (VCR) checkpoint has 81 more words and 4 token types: only its run
+        # folder says to build a UniterForVcrPretraining.
+        hint = " (a pretrain-vcr checkpoint: give its run folder, which holds config.yaml)"
     if need_pretraining and not isinstance(model, UniterForPretraining):
         raise InspectError(
             f"{checkpoint}: word-region alignment needs a pretraining model (UniterForPretraining: "
@@ -80,7 +87,7 @@ def load_model(
     try:
         report = load_pretrained(model, weights, verbose=False)
     except ValueError as e:
-        raise InspectError(str(e)) from None
+        raise InspectError(f"{e}{hint if 'shape mismatch' in str(e) else ''}") from None
     missing_encoder = [k for k in report.missing if k.startswith(_ENCODER_PREFIX)]
     if missing_encoder:
         shown = ", ".join(missing_encoder[:5])
@@ -95,6 +102,12 @@ def load_model(
             f"{weights} has no ITM head (itm_output.*): P(match) is not reported (the WRA plan is)"
         )
         model.itm_output = None
+    elif need_pretraining and isinstance(model, UniterForVcrPretraining):
+        notes.append(
+            "the VCR pretraining stage trains neither ITM nor WRA (its tasks: MLM, MRFR, "
+            "MRC-kl): P(match) comes from an ITM head carried over from the first stage (or left "
+            "at random), never trained on VCR's sequences"
+        )
     device = torch.device(device)
     model.to(device).eval()
     # Whatever the recipe asked for (e.g. flash on a GPU), pick what runs here; eval forwards
@@ -138,15 +151,24 @@ _SPECIAL = {
 
 def token_names(ids, vocab: list[str] | None) -> list[str]:
     """Readable WordPiece tokens for `ids`: the vocabulary's, else `#<id>` (special tokens by
-    name: bert-base-cased's [CLS], [SEP], ...)."""
+    name: bert-base-cased's [CLS], [SEP], ...). VCR's object tags, ids TAG_BASE + p past BERT's
+    words, show as `<person p>` (p: the person's rank among the image's persons, the tag rule of
+    `uniter_fast.convert.vcr`), with or without a vocabulary."""
     names = []
     for i in ids:
         i = int(i)
-        if vocab is not None and 0 <= i < len(vocab):
+        if TAG_BASE <= i < VCR_VOCAB_SIZE:
+            names.append(tag_name(i))
+        elif vocab is not None and 0 <= i < len(vocab):
             names.append(vocab[i])
         else:
             names.append(_SPECIAL.get(i, f"#{i}"))
     return names
+
+
+def tag_name(token_id: int) -> str:
+    """`<person p>` for the object tag id TAG_BASE + p."""
+    return f"<person {int(token_id) - TAG_BASE}>"
 
 
 def caption_text(tokens: list[str]) -> str:

@@ -57,6 +57,21 @@ def _is_special(token: str) -> bool:
     return token.startswith("[") and token.endswith("]")
 
 
+def _is_tag(token: str) -> bool:
+    """VCR's object tags, `<person p>` (`loading.token_names`)."""
+    return token.startswith("<person ") and token.endswith(">")
+
+
+def _style_labels(labels, texts: Sequence[str]) -> None:
+    """[CLS]/[SEP]/... grey italic, object tags bold."""
+    for label, text in zip(labels, texts, strict=True):
+        if _is_special(text):
+            label.set_color(_SPECIAL_COLOR)
+            label.set_style("italic")
+        elif _is_tag(text):
+            label.set_fontweight("bold")
+
+
 def _clip(x: float, lo: float, hi: float) -> float:
     return float(min(max(x, lo), hi))
 
@@ -75,11 +90,18 @@ class Canvas:
 
 
 def find_image(images: str | os.PathLike | None, key: str, meta: dict) -> Path | None:
-    """`images/<meta file_name>` or `images/<key>` with a .jpg/.jpeg/.png suffix (or as named)."""
+    """`images/<meta file_name>`, for VCR `images/<meta image_id>` (the frame's img_fn, e.g.
+    `lsmdc_x/x_00.01@0.jpg`), or `images/<key>`, with a .jpg/.jpeg/.png suffix (or as named)."""
     if images is None:
         return None
     root = Path(images)
-    stems = [str(meta[k]) for k in ("file_name", "file") if meta.get(k)] + [key]
+    fields = (
+        ("file_name", "file", "image_id") if meta.get("task") == "vcr" else ("file_name", "file")
+    )
+    named = [str(meta[k]) for k in fields if meta.get(k)]
+    # Names inside `images` only.
+    stems = [n for n in named if not Path(n).is_absolute() and ".." not in Path(n).parts]
+    stems.append(key)
     for stem in stems:
         direct = root / stem
         if direct.suffix.lower() in IMAGE_SUFFIXES and direct.is_file():
@@ -143,6 +165,9 @@ class AlignmentView:
 
     plan: (m, n) text rows by regions; tokens: the m row labels; boxes: (n, 4) normalised
     x1, y1, x2, y2; title: the figure's heading (key, caption); stats: the heat map's title.
+    region_labels: the n column labels (default `r<j>`; VCR's ground-truth boxes carry their
+    object, `r0 person 1`); ground_truth: how many of the first regions are ground-truth boxes
+    (VCR), the rest detected; 0 when the regions are all of one kind.
     """
 
     plan: np.ndarray
@@ -153,13 +178,32 @@ class AlignmentView:
     canvas: Canvas
     max_boxes: int = 12
     note: str = ""
+    region_labels: list[str] | None = None
+    ground_truth: int = 0
     shown: list[int] = field(default_factory=list)  # filled by draw: the regions drawn
+
+    def labels(self) -> list[str]:
+        n = self.plan.shape[1]
+        if self.region_labels is None:
+            return [f"r{j}" for j in range(n)]
+        if len(self.region_labels) != n:
+            raise ValueError(f"{len(self.region_labels)} region labels for {n} regions")
+        return list(self.region_labels)
 
     def ranked_regions(self) -> list[int]:
         """The regions drawn: the top `max_boxes` by the mass sent to their best text row."""
         peak = self.plan.max(axis=0)
         order = np.argsort(-peak, kind="stable")
         return [int(j) for j in order[: self.max_boxes]]
+
+
+_BOX_LABEL_CHARS = 36
+
+
+def _box_label(region: str, token: str) -> str:
+    """`r3 -> word` (an arrow), cut to _BOX_LABEL_CHARS with an ellipsis."""
+    text = f"{region} \u2192 {token}"
+    return text if len(text) <= _BOX_LABEL_CHARS else text[: _BOX_LABEL_CHARS - 1] + "\u2026"
 
 
 def draw_alignment(view: AlignmentView, path: str | os.PathLike) -> tuple[int, int]:
@@ -179,19 +223,16 @@ def draw_alignment(view: AlignmentView, path: str | os.PathLike) -> tuple[int, i
     view.shown = shown
     colors = dict(zip(shown, region_colors(len(shown)), strict=True))
     best = view.plan.argmax(axis=0)
+    region_labels = view.labels()
+    gt = view.ground_truth if 0 < view.ground_truth < n else 0
 
     # Left: the plan.
     im = ax_plan.imshow(view.plan, aspect="auto", cmap="viridis", interpolation="nearest")
     ax_plan.set_yticks(range(m))
     ax_plan.set_yticklabels(view.tokens, fontsize=_clip(12 - m / 8, 6.5, 9))
-    for label, token in zip(ax_plan.get_yticklabels(), view.tokens, strict=True):
-        if _is_special(token):
-            label.set_color(_SPECIAL_COLOR)
-            label.set_style("italic")
+    _style_labels(ax_plan.get_yticklabels(), view.tokens)
     ax_plan.set_xticks(range(n))
-    ax_plan.set_xticklabels(
-        [f"r{j}" for j in range(n)], rotation=90, fontsize=_clip(10 - n / 12, 5.5, 8)
-    )
+    ax_plan.set_xticklabels(region_labels, rotation=90, fontsize=_clip(10 - n / 12, 5.5, 8))
     for j, label in enumerate(ax_plan.get_xticklabels()):
         if j in colors:
             label.set_color(colors[j])
@@ -202,7 +243,10 @@ def draw_alignment(view: AlignmentView, path: str | os.PathLike) -> tuple[int, i
         ax_plan.add_patch(
             Rectangle((j - 0.5, best[j] - 0.5), 1, 1, fill=False, edgecolor=colors[j], linewidth=2)
         )
-    ax_plan.set_xlabel(f"regions ({n}; coloured: the {len(shown)} boxes drawn on the right)")
+    if gt:  # ground-truth boxes | detected boxes
+        ax_plan.axvline(gt - 0.5, color="white", linewidth=1.5, linestyle="--")
+    kinds = f"{gt} ground-truth | {n - gt} detected" if gt else f"{n}"
+    ax_plan.set_xlabel(f"regions ({kinds}; coloured: the {len(shown)} boxes drawn on the right)")
     ax_plan.set_ylabel(f"text tokens ({m})")
     ax_plan.set_title(view.stats, fontsize=11)
     bar = fig.colorbar(im, ax=ax_plan, fraction=_clip(0.3 / heat_w, 0.02, 0.05), pad=0.01)
@@ -223,15 +267,22 @@ def draw_alignment(view: AlignmentView, path: str | os.PathLike) -> tuple[int, i
     # Labels in a column right of the image, top to bottom in the order of the boxes' centres,
     # each joined to its box by a line: they never cover each other or the boxes.
     k = len(shown)
-    label_size = _clip(10 - k / 6, 6, 9)
+    texts = {j: _box_label(region_labels[j], view.tokens[best[j]]) for j in shown}
+    # Small enough that the longest label fits the column (DejaVu Sans: ~0.6 em a character).
+    longest = max((len(t) for t in texts.values()), default=1)
+    label_size = _clip(min(10 - k / 6, 0.9 * _LABEL_COLUMN * 72 / (0.6 * longest)), 5.5, 9)
     centre_y = {j: float(view.boxes[j, 1] + view.boxes[j, 3]) / 2 for j in shown}
     slots = {j: r for r, j in enumerate(sorted(shown, key=lambda j: (centre_y[j], j)))}
     for j in reversed(shown):
         x1, y1, x2, y2 = (view.boxes[j] * np.array([W, H, W, H])).tolist()
         c = colors[j]
-        ax_img.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=c, lw=2))
+        # Ground-truth boxes solid, detected ones dashed.
+        style = "--" if gt and j >= gt else "-"
+        ax_img.add_patch(
+            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=c, lw=2, linestyle=style)
+        )
         ax_img.annotate(
-            f"r{j}  {view.tokens[best[j]]}",
+            texts[j],
             xy=(x2, (y1 + y2) / 2),
             xycoords="data",
             xytext=(1.04, 1 - (slots[j] + 0.5) / k),
@@ -244,8 +295,9 @@ def draw_alignment(view: AlignmentView, path: str | os.PathLike) -> tuple[int, i
             bbox={"facecolor": c, "edgecolor": "none", "alpha": 0.9, "pad": 2},
             arrowprops={"arrowstyle": "-", "color": c, "lw": 1, "shrinkA": 0, "shrinkB": 0},
         )
+    solid = "; solid: ground truth, dashed: detected" if gt else ""
     ax_img.set_title(
-        f"{where} ({W}x{H})\ntop {k} of {n} regions by mass on their best token",
+        f"{where} ({W}x{H})\ntop {k} of {n} regions by mass on their best token{solid}",
         fontsize=9,
     )
     ax_img.tick_params(labelsize=7)
@@ -273,10 +325,17 @@ def attention_figure_size(length: int) -> tuple[float, float]:
 
 
 def draw_attention(
-    probs: np.ndarray, labels: Sequence[str], num_text: int, title: str, path: str | os.PathLike
+    probs: np.ndarray,
+    labels: Sequence[str],
+    num_text: int,
+    title: str,
+    path: str | os.PathLike,
+    *,
+    ground_truth: int = 0,
 ) -> tuple[int, int]:
     """Write an (L, L) attention map: query rows, key columns, text then regions; a line
-    separates the text ([CLS] ... [SEP]) from the regions. Returns (width, height) in pixels."""
+    separates the text ([CLS] ... [SEP]) from the regions, and a dashed one VCR's `ground_truth`
+    boxes from the detected ones. Returns (width, height) in pixels."""
     length = probs.shape[0]
     size = attention_figure_size(length)
     fig = _figure(size)
@@ -289,14 +348,17 @@ def draw_attention(
     ax.set_yticks(range(length))
     ax.set_yticklabels(labels, fontsize=fontsize)
     for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
-        for label, text in zip(tick_labels, labels, strict=True):
-            if _is_special(text):
-                label.set_color(_SPECIAL_COLOR)
-                label.set_style("italic")
+        _style_labels(tick_labels, labels)
     if 0 < num_text < length:
         for line in (ax.axhline, ax.axvline):
             line(num_text - 0.5, color="white", linewidth=1.5)
-    ax.set_xlabel(f"keys: text ({num_text}) | regions ({length - num_text})")
+    regions = length - num_text
+    gt = ground_truth if 0 < ground_truth < regions else 0
+    if gt:
+        for line in (ax.axhline, ax.axvline):
+            line(num_text + gt - 0.5, color="white", linewidth=1, linestyle="--")
+    kinds = f"{gt} ground-truth | {regions - gt} detected" if gt else f"{regions}"
+    ax.set_xlabel(f"keys: text ({num_text}) | regions ({kinds})")
     ax.set_ylabel("queries")
     bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
     bar.set_label("attention probability", fontsize=9)
