@@ -177,3 +177,19 @@ def test_train_task_writes_the_summary(task, tmp_path):
         )
     report = uf.load_pretrained(model, out / "model_reference.pt", verbose=False)
     assert not report.missing and not report.unexpected and not report.adapted
+
+
+def test_recipes_parse():
+    from uniter_fast.config import RunConfig
+
+    for name, task in [
+        ("pretrain/vcr-base", "pretrain-vcr"),
+        ("pretrain/vcr-large", "pretrain-vcr"),
+        ("pretrain/vcr-tiny-cpu", "pretrain-vcr"),
+        ("finetune/vcr-base", "vcr"),
+        ("finetune/vcr-large", "vcr"),
+        ("finetune/vcr-tiny-cpu", "vcr"),
+    ]:
+        assert RunConfig.from_file(REPO / f"configs/{name}.yaml").task == task
+    large = RunConfig.from_file(REPO / "configs/pretrain/vcr-large.yaml")
+    assert large.data.train[0].mix == {"mlm": 10, "mrfr": 1, "mrckl": 1}
