@@ -98,6 +98,12 @@ def test_gradients_match_authors(kind, variant, rng):
     ours(uf.data.collate(examples, task=ours.task))["loss"].backward()
     theirs_batch = _authors_batch(examples, ours.task)
     authors.reduce_loss(kind, theirs(theirs_batch), theirs_batch).backward()
+    assert_same_gradients(ours, theirs)
+
+
+def assert_same_gradients(ours, theirs):
+    """Every parameter's gradient of our model equals the authors' model's, in the reference
+    layout (a parameter without a gradient counts as zeros)."""
     grads = {
         name: p.grad if p.grad is not None else torch.zeros_like(p)
         for name, p in ours.named_parameters()

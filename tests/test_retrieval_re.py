@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, ragged_sizes, random_examples
-from test_downstream import _Grads
+from test_downstream import assert_same_gradients
 
 import uniter_fast as uf
 from uniter_fast.authors import downstream as authors
@@ -89,14 +89,7 @@ def test_gradients_match_authors(kind, mlp, rng):
     ours(uf.data.collate(examples, task=ours.task))["loss"].backward()
     theirs_batch = _authors_batch(examples, ours.task)
     authors.reduce_loss(kind, theirs(theirs_batch), theirs_batch).backward()
-    grads = {
-        name: p.grad if p.grad is not None else torch.zeros_like(p)
-        for name, p in ours.named_parameters()
-    }
-    mine = uf.export_reference(_Grads(ours, grads))
-    for name, p in theirs.named_parameters():
-        want = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.testing.assert_close(mine[name].double(), want, rtol=1e-7, atol=1e-10, msg=name)
+    assert_same_gradients(ours, theirs)
 
 
 def test_retrieval_loss_with_ragged_groups(rng):

@@ -112,7 +112,7 @@ def read_examples(
     return examples
 
 
-def _greedy_fill(items, tokens: Callable[[object], int], budget: int) -> Iterator[list]:
+def greedy_fill(items, tokens: Callable[[object], int], budget: int) -> Iterator[list]:
     """Batches of `items` in their order: a batch takes items while their `tokens` stay within
     `budget` (an item alone over the budget gets a batch of its own)."""
     current, used = [], 0
@@ -132,7 +132,7 @@ def token_batches(
 ) -> list[list[int]]:
     """Greedy fill of `examples` in `order` (indices) within `budget` real tokens a batch."""
     return list(
-        _greedy_fill(
+        greedy_fill(
             (int(i) for i in order), lambda i: example_tokens(examples[i], collate_task), budget
         )
     )
@@ -304,7 +304,7 @@ class StreamingFinetuneLoader:
             npass += 1
 
     def _stream_batches(self) -> Iterator[list[dict]]:
-        return _greedy_fill(
+        return greedy_fill(
             self._examples(),
             lambda ex: example_tokens(ex, self.collate_task),
             self.tokens_per_batch,
@@ -377,6 +377,7 @@ __all__ = [
     "evaluate_finetune",
     "example_tokens",
     "examples_of",
+    "greedy_fill",
     "read_examples",
     "token_batches",
 ]

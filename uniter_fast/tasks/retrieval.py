@@ -46,6 +46,7 @@ from ..data.pipeline import BadSamples
 from ..data.schema import BERT_BASE_CASED
 from ..data.shards import iter_shard, list_shards
 from ..model.downstream import rank_hinge_loss
+from .finetune import greedy_fill
 
 log = logging.getLogger("uniter_fast.retrieval")
 
@@ -188,19 +189,9 @@ def recall_at_k(
 # The full evaluation
 
 
-def _pack_pairs(
-    pairs: Iterator[tuple[int, int]], tokens: Callable[[int, int], int], budget: int
-) -> Iterator[list[tuple[int, int]]]:
-    current, used = [], 0
-    for t, i in pairs:
-        n = tokens(t, i)
-        if current and used + n > budget:
-            yield current
-            current, used = [], 0
-        current.append((t, i))
-        used += n
-    if current:
-        yield current
+def _pack_pairs(pairs, tokens: Callable[[int, int], int], budget: int) -> Iterator[list]:
+    """(text, image) pairs in batches of at most `budget` real tokens, in order."""
+    return greedy_fill(pairs, lambda pair: tokens(*pair), budget)
 
 
 class ResidentImages:

@@ -33,6 +33,7 @@ from ..data.pipeline import BadSamples
 from ..data.schema import BERT_BASE_CASED
 from ..data.shards import list_shards
 from ..data.task_shards import TaskRecord, iter_task_shard
+from .finetune import greedy_fill
 from .mlm import IGNORE, mask_tokens
 from .mrm import mask_regions
 
@@ -139,17 +140,14 @@ def _group_tokens(group: list[dict]) -> int:
     return sum(len(ex["input_ids"]) + len(ex["img_feat"]) for ex in group)
 
 
-def _fill(groups, budget: int) -> Iterator[list]:
-    current, used = [], 0
-    for g in groups:
-        n = _group_tokens(g)
-        if current and used + n > budget:
-            yield current
-            current, used = [], 0
-        current.append(g)
-        used += n
-    if current:
-        yield current
+def _fill(groups: Sequence[list[dict]], budget: int) -> Iterator[list]:
+    """Whole groups in batches of at most `budget` real tokens (a group alone may exceed it)."""
+    return greedy_fill(groups, _group_tokens, budget)
+
+
+def _fill_indices(order, groups: Sequence[list[dict]], budget: int) -> Iterator[list[int]]:
+    """The same over group indices in `order`."""
+    return greedy_fill((int(i) for i in order), lambda i: _group_tokens(groups[i]), budget)
 
 
 class VcrLoader:
@@ -214,19 +212,6 @@ class VcrLoader:
 
     def close(self) -> None:
         self.groups = []
-
-
-def _fill_indices(order, groups, budget: int) -> Iterator[list[int]]:
-    current, used = [], 0
-    for i in order:
-        n = _group_tokens(groups[int(i)])
-        if current and used + n > budget:
-            yield current
-            current, used = [], 0
-        current.append(int(i))
-        used += n
-    if current:
-        yield current
 
 
 def pretrain_example(record: TaskRecord, item: dict) -> dict:

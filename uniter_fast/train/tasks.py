@@ -25,6 +25,7 @@ logs, metrics, non-finite checks, summary) is the trainer's, shared by all.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,17 @@ METRIC = {
     "vcr": "q2ar",
     "pretrain-vcr": "mlm_acc",
 }
+
+
+@contextlib.contextmanager
+def _eval_mode(engine):
+    """The engine's model in eval mode for the block, then back to the mode it was in."""
+    was_training = engine.module.training
+    engine.eval()
+    try:
+        yield
+    finally:
+        engine.train(was_training)
 
 
 class PretrainTask:
@@ -163,20 +175,17 @@ class FinetuneTask:
     def evaluate(self, engine, examples, cfg, *, device, rank, world, all_reduce) -> dict:
         from ..tasks.finetune import evaluate_finetune
 
-        module = engine.module
-        was_training = module.training
-        engine.eval()
-        result = evaluate_finetune(
-            engine,
-            examples,
-            collate_task=self.collate_task(cfg),
-            tokens_per_batch=cfg.data.tokens_per_batch,
-            device=device,
-            rank=rank,
-            world=world,
-            all_reduce=all_reduce,
-        )
-        engine.train(was_training)
+        with _eval_mode(engine):
+            result = evaluate_finetune(
+                engine,
+                examples,
+                collate_task=self.collate_task(cfg),
+                tokens_per_batch=cfg.data.tokens_per_batch,
+                device=device,
+                rank=rank,
+                world=world,
+                all_reduce=all_reduce,
+            )
         return {"loss": result["loss"], METRIC[self.name]: result["score"], "n": result["n"]}
 
 
@@ -247,21 +256,18 @@ class RetrievalTask(FinetuneTask):
     def evaluate(self, engine, split, cfg, *, device, rank, world, all_reduce) -> dict:
         from ..tasks.retrieval import recall_at_k, score_matrix
 
-        module = engine.module
-        was_training = module.training
-        engine.eval()
-        scores = score_matrix(
-            engine,
-            split,
-            chunk_texts=cfg.finetune.eval_chunk_texts,
-            tokens_per_batch=cfg.data.tokens_per_batch,
-            device=device,
-            rank=rank,
-            world=world,
-            all_reduce=all_reduce,
-            progress=False,
-        )
-        engine.train(was_training)
+        with _eval_mode(engine):
+            scores = score_matrix(
+                engine,
+                split,
+                chunk_texts=cfg.finetune.eval_chunk_texts,
+                tokens_per_batch=cfg.data.tokens_per_batch,
+                device=device,
+                rank=rank,
+                world=world,
+                all_reduce=all_reduce,
+                progress=False,
+            )
         recall = recall_at_k(scores, split.txt2img, split.img2txts)
         headline = (recall["img_r1"] + recall["txt_r1"]) / 2
         return {METRIC["retrieval"]: headline, **recall, "n": split.num_texts}
@@ -303,24 +309,21 @@ class ReTask(FinetuneTask):
     def evaluate(self, engine, examples, cfg, *, device, rank, world, all_reduce) -> dict:
         from ..tasks.refexp import evaluate_re
 
-        module = engine.module
-        was_training = module.training
-        engine.eval()
-        out = {}
-        for features, name in (("gt", "accuracy"), ("det", "accuracy_detected")):
-            result = evaluate_re(
-                engine,
-                examples[features],
-                tokens_per_batch=cfg.data.tokens_per_batch,
-                device=device,
-                rank=rank,
-                world=world,
-                all_reduce=all_reduce,
-            )
-            out[name] = result["accuracy"]
-            if features == "gt":
-                out["loss"], out["n"] = result["loss"], result["n"]
-        engine.train(was_training)
+        with _eval_mode(engine):
+            out = {}
+            for features, name in (("gt", "accuracy"), ("det", "accuracy_detected")):
+                result = evaluate_re(
+                    engine,
+                    examples[features],
+                    tokens_per_batch=cfg.data.tokens_per_batch,
+                    device=device,
+                    rank=rank,
+                    world=world,
+                    all_reduce=all_reduce,
+                )
+                out[name] = result["accuracy"]
+                if features == "gt":
+                    out["loss"], out["n"] = result["loss"], result["n"]
         return out
 
 
@@ -366,19 +369,16 @@ class VcrTask(FinetuneTask):
     def evaluate(self, engine, questions, cfg, *, device, rank, world, all_reduce) -> dict:
         from ..tasks.vcr import evaluate_vcr
 
-        module = engine.module
-        was_training = module.training
-        engine.eval()
-        result = evaluate_vcr(
-            engine,
-            questions,
-            tokens_per_batch=cfg.data.tokens_per_batch,
-            device=device,
-            rank=rank,
-            world=world,
-            all_reduce=all_reduce,
-        )
-        engine.train(was_training)
+        with _eval_mode(engine):
+            result = evaluate_vcr(
+                engine,
+                questions,
+                tokens_per_batch=cfg.data.tokens_per_batch,
+                device=device,
+                rank=rank,
+                world=world,
+                all_reduce=all_reduce,
+            )
         return {k: result[k] for k in ("q2ar", "q2a", "qa2r", "loss", "n")}
 
 
@@ -455,26 +455,23 @@ class VcrPretrainTask(FinetuneTask):
         from ..data.collate import collate
         from ..tasks.vcr import VCR_PRETRAIN_TASKS, mask_for
 
-        module = engine.module
-        was_training = module.training
-        engine.eval()
-        batches = loader._batches()
-        out: dict[str, float] = {}
-        for t, task in enumerate(VCR_PRETRAIN_TASKS):
-            totals = torch.zeros(3, dtype=torch.float64, device=device)
-            for k in range(rank, len(batches), world):
-                rng = np.random.default_rng([t, k])
-                examples = [mask_for(task, loader.items[i], rng) for i in batches[k]]
-                res = engine(collate(examples, task=task).to(device), task, metrics=True)
-                acc = res.get("mlm_acc", torch.zeros((), device=device))
-                totals += torch.stack(
-                    [torch.ones((), device=device), res[task].double(), acc.double()]
-                ).to(torch.float64)
-            n, loss, acc = all_reduce(totals).tolist()
-            out[f"{task}_loss"] = loss / max(n, 1)
-            if task == "mlm":
-                out["mlm_acc"] = acc / max(n, 1)
-        engine.train(was_training)
+        with _eval_mode(engine):
+            batches = loader._batches()
+            out: dict[str, float] = {}
+            for t, task in enumerate(VCR_PRETRAIN_TASKS):
+                totals = torch.zeros(3, dtype=torch.float64, device=device)
+                for k in range(rank, len(batches), world):
+                    rng = np.random.default_rng([t, k])
+                    examples = [mask_for(task, loader.items[i], rng) for i in batches[k]]
+                    res = engine(collate(examples, task=task).to(device), task, metrics=True)
+                    acc = res.get("mlm_acc", torch.zeros((), device=device))
+                    totals += torch.stack(
+                        [torch.ones((), device=device), res[task].double(), acc.double()]
+                    ).to(torch.float64)
+                n, loss, acc = all_reduce(totals).tolist()
+                out[f"{task}_loss"] = loss / max(n, 1)
+                if task == "mlm":
+                    out["mlm_acc"] = acc / max(n, 1)
         out["n"] = len(loader.items)
         return out
 
