@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.schema import BERT_BASE_CASED, Vocab
+from ..data.schema import BERT_BASE_CASED, MAX_REGIONS, Vocab
 from .common import (
     ConvertError,
     RegionPolicy,
@@ -52,7 +52,7 @@ from .common import (
     input_fingerprint,
     loc_from_norm_bb,
     loc_from_pixel_boxes,
-    read_npz,
+    read_npz_file,
     require_extra,
     sample_key,
     select_regions,
@@ -77,6 +77,8 @@ UNIFORM_WARNING = (
     "(--missing-soft-labels uniform): MRC and MRC-kl targets are meaningless on these shards; "
     "leave those tasks out of the mix"
 )
+# Ground-truth boxes (RE, VCR): every one, in stored order (what targets and tags point at).
+KEEP_ALL = RegionPolicy(min_regions=1, max_regions=MAX_REGIONS)
 
 
 @dataclass
@@ -399,8 +401,10 @@ def regions_from_arrays(
     width: float | None,
     height: float | None,
     missing_soft_labels: str,
+    soft_labels_for: str = "MRC",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, str]:
-    """(features, loc [n, 7], conf or None, soft, confidence source) from decoded fields."""
+    """(features, loc [n, 7], conf or None, soft, confidence source) from decoded fields.
+    soft_labels_for: the task named when soft labels are missing and refused."""
     if "features" not in arrays:
         raise SkipRecord("missing_field", "features", "is missing")
     features = arrays["features"]
@@ -427,17 +431,15 @@ def regions_from_arrays(
         conf_source = "file_order"
     if soft is None:
         if missing_soft_labels != "uniform":
-            raise SkipRecord(
-                "missing_field",
-                "soft_labels",
-                "is missing (MRC needs it; --missing-soft-labels uniform fills it in)",
-            )
+            fix = "--missing-soft-labels uniform fills it in"
+            detail = f"is missing ({soft_labels_for} needs it; {fix})"
+            raise SkipRecord("missing_field", "soft_labels", detail)
         n = features.shape[0] if isinstance(features, np.ndarray) and features.ndim == 2 else 0
         soft = uniform_soft_labels(n)
     return features, loc, conf, soft, conf_source
 
 
-def task_regions(
+def kept_regions(
     arrays: dict[str, Any],
     policy: RegionPolicy,
     where: str,
@@ -445,36 +447,48 @@ def task_regions(
     width: float | None = None,
     height: float | None = None,
     keep_order: bool = False,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """(float16 features, float32 boxes, confidence source) of the kept regions of one image's
-    decoded arrays, for the task shards (which store no soft labels: missing ones are no reason
-    to skip). Raises SkipRecord naming `where` (the image's file or key) for bad input.
+    missing_soft_labels: str = "uniform",
+    soft_labels_for: str = "MRC",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(float16 features, float32 boxes, float16 soft labels, confidence source) of the kept
+    regions of one image's decoded arrays, for the task shards. Raises SkipRecord naming
+    `where` (the image's file or key) for bad input.
 
     width, height: the image size in pixels for pixel `boxes` (else the arrays' image_w/h).
-    keep_order: keep the first `policy.max_regions` regions in source order, ignoring the
-    confidences (ground-truth boxes, one per annotation, whose order is meaningful).
+    keep_order: keep every region in source order, ignoring the confidences, and refuse more
+    than `policy.max_regions` ("too_many_regions"): ground-truth boxes (policy `KEEP_ALL`), one
+    per annotation or object, whose order is what targets and tags point at.
+    missing_soft_labels, soft_labels_for: as `regions_from_arrays` takes them.
     """
+    if keep_order:
+        features = arrays.get("features")
+        n = features.shape[0] if isinstance(features, np.ndarray) and features.ndim == 2 else 0
+        if n > policy.max_regions:
+            detail = f"{where}: {n} ground-truth regions, more than {policy.max_regions}"
+            raise SkipRecord("too_many_regions", "features", detail)
     try:
         features, loc, conf, soft, conf_source = regions_from_arrays(
-            arrays, width=width, height=height, missing_soft_labels="uniform"
+            arrays,
+            width=width,
+            height=height,
+            missing_soft_labels=missing_soft_labels,
+            soft_labels_for=soft_labels_for,
         )
         if keep_order:
             conf, conf_source = None, "file_order"
-        feat, loc, _ = select_regions(
+        feat, loc, soft = select_regions(
             features=features, loc=loc, conf=conf, soft=soft, policy=policy
         )
     except SkipRecord as e:
         raise SkipRecord(e.reason, e.field, f"{where}: {e.detail}") from None
-    return feat, loc, conf_source
+    return feat, loc, soft, conf_source
 
 
 def read_task_npz(path: Path, policy: RegionPolicy) -> tuple[np.ndarray, np.ndarray, str]:
-    """`task_regions` of a per-image .npz."""
-    try:
-        arrays = read_npz(path, _NPZ_FIELDS)
-    except SkipRecord as e:
-        raise SkipRecord(e.reason, e.field, f"{path.name}: {e.detail}") from None
-    return task_regions(arrays, policy, path.name)
+    """(float16 features, float32 boxes, confidence source): `kept_regions` of a per-image .npz,
+    for the task shards that store no soft labels (missing ones are no reason to skip)."""
+    feat, loc, _, conf_source = kept_regions(read_npz_file(path, _NPZ_FIELDS), policy, path.name)
+    return feat, loc, conf_source
 
 
 def _num_rows(array: Any) -> int:
@@ -577,10 +591,7 @@ class NpzCaptionsSource(Source):
         if npz_name is None:
             raise SkipRecord("no_features", None, f"has no .npz in {self.npz_dir}")
         kept, kept_ids = tokenize_captions(unit, image, self.tokenizer)
-        try:
-            arrays = read_npz(self.npz_dir / npz_name, _NPZ_FIELDS)
-        except SkipRecord as e:
-            raise SkipRecord(e.reason, e.field, f"{npz_name}: {e.detail}") from None
+        arrays = read_npz_file(self.npz_dir / npz_name, _NPZ_FIELDS)
         features, loc, conf, soft, unit.conf_source = regions_from_arrays(
             arrays,
             width=image.width,

@@ -27,7 +27,7 @@ import sys
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "ConvertError",
     "ConvertOptions",
+    "GroupedSource",
     "RegionPolicy",
     "SkipRecord",
     "Source",
@@ -386,6 +387,42 @@ def read_npz(data: bytes | os.PathLike | str, fields: tuple[str, ...]) -> dict[s
     return out
 
 
+def read_npz_file(path: Path, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """`read_npz` of a file, a SkipRecord's detail starting with the file's name."""
+    try:
+        return read_npz(path, fields)
+    except SkipRecord as e:
+        raise SkipRecord(e.reason, e.field, f"{path.name}: {e.detail}") from None
+
+
+def read_jsonl(
+    path: Path, bad: list[tuple[str, str, str]], prefix: str = ""
+) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every line of a JSONL file that holds a JSON object, read as
+    UTF-8 with bad bytes replaced; blank lines are passed over. A line that is not a JSON object
+    is appended to `bad` as ("decode", f"{prefix}line {number}", why)."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(("decode", f"{prefix}line {number}", f"is not JSON ({e.msg})"))
+                continue
+            if not isinstance(obj, dict):
+                bad.append(("decode", f"{prefix}line {number}", "is not a JSON object"))
+                continue
+            yield number, obj
+
+
+def lacking_strings(**fields: Any) -> str | None:
+    """Why a record is bad when some of `fields` are not non-empty strings ("lacks id, text (or
+    they are not strings)"), else None."""
+    missing = [name for name, value in fields.items() if not isinstance(value, str) or not value]
+    return f"lacks {', '.join(missing)} (or they are not strings)" if missing else None
+
+
 # dtype kinds a msgpack_numpy array may have: bool, ints, floats. Object ('O') arrays would need
 # pickle.loads (what msgpack_numpy does), structured ('V') ones are never feature data.
 _PLAIN_KINDS = frozenset("biuf")
@@ -542,6 +579,32 @@ class Source:
         pass
 
 
+class GroupedSource(Source):
+    """A source that reads all its texts in `open`, grouped by the sample they go into.
+
+    Subclasses set, in `open`: `keys`, the samples in the order they are written, each built
+    by `_fill(unit, key)` (raising SkipRecord to skip it); `bad_lines`, the texts left out
+    while reading, as (reason, where, detail), counted at the end with `where` after
+    `bad_line_prefix`. A resumed run's cursor is an index into `keys`.
+    """
+
+    keys: list
+    bad_lines: list[tuple[str, str, str]]
+    bad_line_prefix = ""
+
+    def total(self) -> int:
+        return len(self.keys)
+
+    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
+        return units_in_order(cursor, self.keys, str, self._fill)
+
+    def _fill(self, unit: Unit, key: Any) -> None:
+        raise NotImplementedError
+
+    def final_counts(self, stats: Stats) -> None:
+        stats.leave_out_read(self.bad_lines, self.bad_line_prefix)
+
+
 def _histogram(counter: Counter) -> dict:
     total = sum(counter.values())
     mean = sum(k * v for k, v in counter.items()) / total if total else 0.0
@@ -595,6 +658,13 @@ class Stats:
         """Count one caption left out."""
         self.left_out[reason] += 1
         self._example(f"caption:{reason}", f"{where}: {detail}")
+
+    def leave_out_read(self, lines: Iterable[tuple[str, str, str]], prefix: str = "") -> None:
+        """Count captions left out while the source was read, before any unit held them: each
+        (reason, where, detail) one caption seen and left out, `prefix` put before `where`."""
+        for reason, where, detail in lines:
+            self.captions_seen += 1
+            self.leave_out(reason, f"{prefix}{where}", detail)
 
     def apply(self, unit: Unit) -> None:
         """Count one unit (its image and its captions)."""

@@ -20,7 +20,8 @@ Order: image DB key order (LMDB's byte order); an image's captions in text DB ke
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,15 @@ from .common import (
     sample_key,
 )
 
-__all__ = ["LmdbSource", "check_txt_meta", "open_reference_dbs"]
+__all__ = [
+    "GtDetDbs",
+    "LmdbSource",
+    "check_txt_meta",
+    "image_from_db",
+    "open_gt_det_dbs",
+    "open_reference_dbs",
+    "text_db_examples",
+]
 
 _IMG_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 
@@ -159,19 +168,12 @@ class LmdbSource(Source):
         else:
             # Neither mapping: read every example once for its img_fname. An example that does
             # not decode cannot be given to an image; it is counted at the end.
-            with self._txt_txn.cursor() as cur:
-                for key, value in cur:
-                    txt_id = bytes(key).decode("utf-8", errors="replace")
-                    try:
-                        example = _decode_text(value)
-                    except SkipRecord as e:
-                        self._unattached.append((e.reason, txt_id, e.detail))
-                        continue
-                    img = example.get("img_fname") if isinstance(example, dict) else None
-                    if not isinstance(img, str):
-                        self._unattached.append(("decode", txt_id, "has no img_fname"))
-                        continue
-                    groups.setdefault(img, []).append(txt_id)
+            for txt_id, example in text_db_examples(self._txt_txn, self._unattached):
+                img = example.get("img_fname") if isinstance(example, dict) else None
+                if not isinstance(img, str):
+                    self._unattached.append(("decode", txt_id, "has no img_fname"))
+                    continue
+                groups.setdefault(img, []).append(txt_id)
         return {img: sorted(set(ids), key=lambda t: t.encode()) for img, ids in groups.items()}
 
     def total(self) -> int:
@@ -258,9 +260,7 @@ class LmdbSource(Source):
         names = {k.decode("utf-8", errors="replace") for k in self._keys}
         missing = sorted(img for img in self._img2txts if img not in names)
         stats.skip_many("no_features", missing, "has captions but is not in the image DB")
-        for reason, txt_id, detail in self._unattached:
-            stats.captions_seen += 1
-            stats.leave_out(reason, f"text DB caption {txt_id}", detail)
+        stats.leave_out_read(self._unattached, "text DB caption ")
 
     def describe(self) -> dict:
         return {"vocab": self._vocab_info, "soft_labels": "source"}
@@ -293,6 +293,76 @@ def open_reference_dbs(img_db: Path, txt_db: Path, vocab: Vocab) -> tuple[dict, 
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
 
     return vocab_info, env(img_db), env(txt_db)
+
+
+@dataclass
+class GtDetDbs:
+    """A text DB with its two image DBs, ground-truth and detected boxes (RE, VCR), open
+    read-only: `open_gt_det_dbs`.
+
+    vocab_info: the manifest's vocab entry (meta.json checked against the model's).
+    gt, det: read transactions of the image DBs (`image_from_db`); txt: the text DB's
+    environment (`text_db_examples` over one of its transactions); envs: all three, for `close`.
+    """
+
+    vocab_info: dict
+    gt: Any
+    det: Any
+    txt: Any
+    envs: list
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+        self.envs = []
+
+
+def open_gt_det_dbs(gt_db: Path, det_db: Path, txt_db: Path, vocab: Vocab) -> GtDetDbs:
+    """Check and open a text DB beside its ground-truth and detected image DBs, each image DB
+    checked as `open_reference_dbs` checks one."""
+    # lmdb opens an environment once per process, so the text DB opened beside the
+    # detections is closed before it is opened again.
+    _, det_env, txt_env = open_reference_dbs(det_db, txt_db, vocab)
+    txt_env.close()
+    vocab_info, gt_env, txt_env = open_reference_dbs(gt_db, txt_db, vocab)
+    return GtDetDbs(
+        vocab_info,
+        gt=gt_env.begin(buffers=False),
+        det=det_env.begin(buffers=False),
+        txt=txt_env,
+        envs=[det_env, gt_env, txt_env],
+    )
+
+
+def text_db_examples(
+    txn, bad: list[tuple[str, str, str]], parse: Callable[[str, Any], Any] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(key, decoded example) of every entry of a text DB read through `txn`, in key order;
+    with `parse`, (key, parse(key, example)). An entry that does not decode, or that `parse`
+    refuses with a SkipRecord, is passed over, appended to `bad` as (reason, key, detail)."""
+    with txn.cursor() as cur:
+        for key, value in cur:
+            ident = bytes(key).decode("utf-8", errors="replace")
+            try:
+                example = _decode_text(value)
+                if parse is not None:
+                    example = parse(ident, example)
+            except SkipRecord as e:
+                bad.append((e.reason, ident, e.detail))
+                continue
+            yield ident, example
+
+
+def image_from_db(txn, name: str, what: str) -> tuple[dict[str, np.ndarray], str]:
+    """(decoded arrays, name) of the image `name` of an image DB read through `txn`; SkipRecord
+    naming it when it is not in that (`what`) image DB or does not decode."""
+    value = txn.get(name.encode("utf-8"))
+    if value is None:
+        raise SkipRecord("no_features", None, f"{name} is not in the {what} image DB")
+    try:
+        return _decode_image(value), name
+    except SkipRecord as e:
+        raise SkipRecord(e.reason, e.field, f"{name}: {e.detail}") from None
 
 
 def _read_json(path: Path) -> Any:

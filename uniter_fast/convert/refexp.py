@@ -52,27 +52,24 @@ import json
 import os
 import pickle
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..data.schema import BERT_BASE_CASED, MAX_REGIONS, Vocab
+from ..data.schema import BERT_BASE_CASED, Vocab
 from ..data.task_shards import TaskRecord
-from .captions import _NPZ_FIELDS, WordPiece, task_regions
+from .captions import _NPZ_FIELDS, KEEP_ALL, WordPiece, kept_regions
 from .common import (
     ConvertError,
+    GroupedSource,
     RegionPolicy,
     SkipRecord,
-    Source,
-    Stats,
     Unit,
     input_fingerprint,
-    read_npz,
+    read_npz_file,
     sample_key,
-    units_in_order,
 )
 
 __all__ = [
@@ -92,8 +89,6 @@ __all__ = [
 RE_SPLITS = ("train", "val", "testA", "testB", "test")
 GT_NAME = "visual_grounding_coco_gt_{:012}.npz"
 DET_NAME = "visual_grounding_det_coco_{:012}.npz"
-# Ground-truth boxes: every one, in annotation order (the order is what targets index).
-KEEP_ALL = RegionPolicy(min_regions=1, max_regions=MAX_REGIONS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +220,18 @@ class ImageInfo:
     file_name: str | None
     ann_ids: list[int]
 
+    @classmethod
+    def from_entry(cls, entry: dict, ann_ids: list[int]) -> ImageInfo:
+        """An `images` entry ({id, width, height, file_name}: instances.json, images.json)."""
+        name = entry.get("file_name")
+        return cls(
+            entry["id"],
+            entry.get("width"),
+            entry.get("height"),
+            name if isinstance(name, str) else None,
+            ann_ids,
+        )
+
 
 @dataclass
 class Expression:
@@ -265,14 +272,7 @@ def load_instances(path: str | os.PathLike) -> Instances:
             raise ConvertError(f"{path}: images[{i}] has no integer id")
         if entry["id"] in images:
             raise ConvertError(f"{path}: images[{i}]: image id {entry['id']} listed twice")
-        name = entry.get("file_name")
-        images[entry["id"]] = ImageInfo(
-            entry["id"],
-            entry.get("width"),
-            entry.get("height"),
-            name if isinstance(name, str) else None,
-            [],
-        )
+        images[entry["id"]] = ImageInfo.from_entry(entry, [])
     bbox: dict[int, Any] = {}
     for i, ann in enumerate(obj["annotations"]):
         if not isinstance(ann, dict) or not _is_int(ann.get("id")):
@@ -304,14 +304,7 @@ def _check_bbox(bbox: Any) -> list[float] | None:
 def _gt_regions(arrays: dict[str, Any], image: ImageInfo, where: str):
     """(feat, loc, ann_ids) of the ground-truth boxes: one region per annotation, all kept, in
     the order of the arrays' `ann_ids` when they hold one, else of `image.ann_ids`."""
-    features = arrays.get("features")
-    if isinstance(features, np.ndarray) and features.ndim == 2 and features.shape[0] > MAX_REGIONS:
-        raise SkipRecord(
-            "too_many_regions",
-            "features",
-            f"{where}: {features.shape[0]} ground-truth regions, more than {MAX_REGIONS}",
-        )
-    feat, loc, _ = task_regions(
+    feat, loc, _, _ = kept_regions(
         arrays, KEEP_ALL, where, width=image.width, height=image.height, keep_order=True
     )
     order = list(image.ann_ids)
@@ -359,7 +352,7 @@ def _re_record(
             "image_size", "width/height", f"is {image.width!r} x {image.height!r} pixels"
         )
     gt_feat, gt_loc, ann_ids = _gt_regions(gt[0], image, gt[1])
-    det_feat, det_loc, unit.conf_source = task_regions(
+    det_feat, det_loc, _, unit.conf_source = kept_regions(
         det[0], policy, det[1], width=image.width, height=image.height
     )
     index = {ann_id: i for i, ann_id in enumerate(ann_ids)}
@@ -406,7 +399,7 @@ def _in_dir(names: set[str], image_id: int, reference: str) -> str | None:
 # refer's files
 
 
-class RefsSource(Source):
+class RefsSource(GroupedSource):
     """refer's refs + COCO instances.json + per-image .npz (module docstring) -> "re" shards."""
 
     kind = "re-refs"
@@ -493,21 +486,12 @@ class RefsSource(Source):
             ],
         }
 
-    def total(self) -> int:
-        return len(self.keys)
-
-    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        return units_in_order(cursor, self.keys, str, self._fill)
-
     def _arrays(self, folder: Path, names: set[str], image_id: int, reference: str):
         name = _in_dir(names, image_id, reference)
         if name is None:
             detail = f"has no {image_id}.npz or {reference.format(image_id)} in {folder}"
             raise SkipRecord("no_features", None, detail)
-        try:
-            return read_npz(folder / name, (*_NPZ_FIELDS, "ann_ids")), name
-        except SkipRecord as e:
-            raise SkipRecord(e.reason, e.field, f"{name}: {e.detail}") from None
+        return read_npz_file(folder / name, (*_NPZ_FIELDS, "ann_ids")), name
 
     def _fill(self, unit: Unit, image_id: int) -> None:
         entries = self.groups[image_id]
@@ -536,11 +520,6 @@ class RefsSource(Source):
             dataset=self.dataset,
         )
 
-    def final_counts(self, stats: Stats) -> None:
-        for reason, line, detail in self.bad_lines:
-            stats.captions_seen += 1
-            stats.leave_out(reason, line, detail)
-
     def describe(self) -> dict:
         return {"vocab": self.tokenizer.describe(), "soft_labels": "not stored (task shards)"}
 
@@ -549,7 +528,7 @@ class RefsSource(Source):
 # The reference's databases
 
 
-class ReLmdbSource(Source):
+class ReLmdbSource(GroupedSource):
     """The reference's RE text DB + ground-truth and detected image DBs (module docstring).
 
     split: keep only the examples whose ref (refs.json) is of this split (None: all of them;
@@ -557,6 +536,7 @@ class ReLmdbSource(Source):
     """
 
     kind = "re-lmdb"
+    bad_line_prefix = "text DB "
 
     def __init__(
         self,
@@ -577,7 +557,7 @@ class ReLmdbSource(Source):
         self.dataset = dataset
         self.policy = policy or RegionPolicy()
         self.vocab = vocab
-        self._envs: list = []
+        self._dbs = None
 
     def _json_files(self) -> list[Path]:
         names = ["meta.json", "images.json", "annotations.json"]
@@ -599,30 +579,16 @@ class ReLmdbSource(Source):
         }
 
     def open(self) -> None:
-        from .lmdb import _decode_text, open_reference_dbs
+        from .lmdb import open_gt_det_dbs, text_db_examples
 
-        # The same checks for both image DBs; lmdb opens an environment once per process, so
-        # the text DB opened beside the detections is closed before it is opened again.
-        _, det_env, txt_env = open_reference_dbs(self.det_db, self.txt_db, self.vocab)
-        txt_env.close()
-        self._envs = [det_env]
-        self._vocab_info, gt_env, txt_env = open_reference_dbs(self.gt_db, self.txt_db, self.vocab)
-        self._envs += [gt_env, txt_env]
-        self._gt_txn = gt_env.begin(buffers=False)
-        self._det_txn = det_env.begin(buffers=False)
+        self._dbs = open_gt_det_dbs(self.gt_db, self.det_db, self.txt_db, self.vocab)
         self.images = self._read_images()
         self._bbox = self._read_annotations()
         ref_split = self._read_ref_splits()
         self.groups: dict[int, list[Expression]] = {}
         self.bad_lines: list[tuple[str, str, str]] = []
-        with txt_env.begin(buffers=False) as txn, txn.cursor() as cur:
-            for key, value in cur:
-                ident = bytes(key).decode("utf-8", errors="replace")
-                try:
-                    image_id, ex = self._parse(ident, _decode_text(value))
-                except SkipRecord as e:
-                    self.bad_lines.append((e.reason, ident, e.detail))
-                    continue
+        with self._dbs.txt.begin(buffers=False) as txn:
+            for ident, (image_id, ex) in text_db_examples(txn, self.bad_lines, self._parse):
                 if ref_split is not None:
                     if ex.ref_id not in ref_split:
                         detail = f"ref_id {ex.ref_id} is not in refs.json (its split is unknown)"
@@ -647,14 +613,7 @@ class ReLmdbSource(Source):
             ann_ids = entry.get("ann_ids")
             if not isinstance(ann_ids, list) or not all(_is_int(a) for a in ann_ids):
                 raise ConvertError(f"{path}: images[{i}] (id {entry['id']}): ann_ids is no list")
-            name = entry.get("file_name")
-            images[entry["id"]] = ImageInfo(
-                entry["id"],
-                entry.get("width"),
-                entry.get("height"),
-                name if isinstance(name, str) else None,
-                list(ann_ids),
-            )
+            images[entry["id"]] = ImageInfo.from_entry(entry, list(ann_ids))
         return images
 
     def _read_annotations(self) -> dict[int, Any]:
@@ -691,26 +650,9 @@ class ReLmdbSource(Source):
         ref_id = ref_id if _is_int(ref_id) else None
         return image_id, Expression(ident, ref_id, ann_id, ids, bbox)
 
-    def total(self) -> int:
-        return len(self.keys)
-
-    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        return units_in_order(cursor, self.keys, str, self._fill)
-
-    @staticmethod
-    def _image(txn, image_id: int, reference: str, what: str) -> tuple[dict, str]:
-        from .lmdb import _decode_image
-
-        name = reference.format(image_id)
-        value = txn.get(name.encode("utf-8"))
-        if value is None:
-            raise SkipRecord("no_features", None, f"{name} is not in the {what} image DB")
-        try:
-            return _decode_image(value), name
-        except SkipRecord as e:
-            raise SkipRecord(e.reason, e.field, f"{name}: {e.detail}") from None
-
     def _fill(self, unit: Unit, image_id: int) -> None:
+        from .lmdb import image_from_db
+
         expressions = self.groups[image_id]
         unit.captions_seen = len(expressions)
         image = self.images.get(image_id)
@@ -719,23 +661,17 @@ class ReLmdbSource(Source):
         unit.record = _re_record(
             unit,
             image,
-            self._image(self._gt_txn, image_id, GT_NAME, "ground-truth"),
-            self._image(self._det_txn, image_id, DET_NAME, "detection"),
+            image_from_db(self._dbs.gt, GT_NAME.format(image_id), "ground-truth"),
+            image_from_db(self._dbs.det, DET_NAME.format(image_id), "detection"),
             expressions,
             policy=self.policy,
             vocab=self.vocab,
             dataset=self.dataset,
         )
 
-    def final_counts(self, stats: Stats) -> None:
-        for reason, line, detail in self.bad_lines:
-            stats.captions_seen += 1
-            stats.leave_out(reason, f"text DB {line}", detail)
-
     def describe(self) -> dict:
-        return {"vocab": self._vocab_info, "soft_labels": "not stored (task shards)"}
+        return {"vocab": self._dbs.vocab_info, "soft_labels": "not stored (task shards)"}
 
     def close(self) -> None:
-        for env in self._envs:
-            env.close()
-        self._envs = []
+        if self._dbs is not None:
+            self._dbs.close()

@@ -26,9 +26,7 @@ Resumable, atomic, with a manifest: `uniter_fast.convert.common.run_conversion`.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +34,24 @@ import numpy as np
 
 from ..data.schema import BERT_BASE_CASED, Vocab
 from ..data.task_shards import TaskRecord
-from .captions import WordPiece, read_task_npz, task_regions
+from .captions import WordPiece, kept_regions, read_task_npz
 from .common import (
     ConvertError,
+    GroupedSource,
     RegionPolicy,
     SkipRecord,
-    Source,
-    Stats,
     Unit,
     input_fingerprint,
+    lacking_strings,
+    read_jsonl,
     sample_key,
-    units_in_order,
 )
 
 VE_LABELS = {"contradiction": 0, "entailment": 1, "neutral": 2}
 NLVR2_LABELS = {"true": 1, "false": 0}
 
 
-class TaskJsonlSource(Source):
+class TaskJsonlSource(GroupedSource):
     """SNLI-VE or NLVR2 JSONL with per-image .npz features (module docstring)."""
 
     def __init__(
@@ -91,25 +89,15 @@ class TaskJsonlSource(Source):
         self._npz = {e.name for e in os.scandir(self.npz_dir) if e.name.endswith(".npz")}
         self.groups: dict[str, list[dict]] = {}
         self.bad_lines: list[tuple[str, str, str]] = []  # (reason, line id, detail)
-        with self.jsonl.open(encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parsed = self._parse(line, number)
-                if isinstance(parsed, tuple):
-                    self.bad_lines.append(parsed)
-                else:
-                    self.groups.setdefault(parsed["group"], []).append(parsed)
+        for number, obj in read_jsonl(self.jsonl, self.bad_lines):
+            parsed = self._parse(obj, f"line {number}")
+            if isinstance(parsed, tuple):
+                self.bad_lines.append(parsed)
+            else:
+                self.groups.setdefault(parsed["group"], []).append(parsed)
         self.keys = sorted(self.groups)
 
-    def _parse(self, line: str, number: int) -> dict | tuple[str, str, str]:
-        where = f"line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            return ("decode", where, f"is not JSON ({e.msg})")
-        if not isinstance(obj, dict):
-            return ("decode", where, "is not a JSON object")
+    def _parse(self, obj: dict, where: str) -> dict | tuple[str, str, str]:
         if self.task == "ve":
             image = obj.get("Flikr30kID", obj.get("Flickr30kID"))
             text, label, ident = obj.get("sentence2"), obj.get("gold_label"), obj.get("pairID")
@@ -120,13 +108,9 @@ class TaskJsonlSource(Source):
             labels = NLVR2_LABELS
             if isinstance(label, bool):
                 label = str(label)
-        missing = [
-            name
-            for name, value in (("id", ident), ("image", image), ("text", text), ("label", label))
-            if not isinstance(value, str) or not value
-        ]
-        if missing:
-            return ("decode", where, f"lacks {', '.join(missing)} (or they are not strings)")
+        problem = lacking_strings(id=ident, image=image, text=text, label=label)
+        if problem:
+            return ("decode", where, problem)
         if label.lower() not in labels:
             return ("label", f"{ident}", f"label {label!r} is not one of {sorted(labels)}")
         group = Path(image).stem
@@ -149,12 +133,6 @@ class TaskJsonlSource(Source):
                 {"path": str(self.npz_dir.resolve()), "npz_files": len(self._npz)},
             ],
         }
-
-    def total(self) -> int:
-        return len(self.keys)
-
-    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        return units_in_order(cursor, self.keys, str, self._fill)
 
     def _image(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         npz = f"{name}.npz"
@@ -185,11 +163,6 @@ class TaskJsonlSource(Source):
         meta = {"dataset": self.dataset, "images": names}
         unit.record = TaskRecord(sample_key(key), self.task, images, items, meta)
 
-    def final_counts(self, stats: Stats) -> None:
-        for reason, line, detail in self.bad_lines:
-            stats.captions_seen += 1
-            stats.leave_out(reason, line, detail)
-
     def describe(self) -> dict:
         return {"vocab": self.tokenizer.describe(), "soft_labels": "not stored (task shards)"}
 
@@ -201,7 +174,7 @@ __all__ = ["NLVR2_LABELS", "VE_LABELS", "TaskJsonlSource"]
 # The reference's own databases
 
 
-class TaskLmdbSource(Source):
+class TaskLmdbSource(GroupedSource):
     """The reference's txt_db + img_db of a downstream task -> task shards.
 
         python -m uniter_fast.convert task-lmdb --task vqa --img-db img_db/coco_val2014 \\
@@ -214,6 +187,8 @@ class TaskLmdbSource(Source):
     null target is a test split. Examples are grouped by image (NLVR2: by image pair); image DB
     values are decoded as for pretraining (.npz or msgpack, no pickle).
     """
+
+    bad_line_prefix = "text DB "
 
     def __init__(
         self,
@@ -249,7 +224,7 @@ class TaskLmdbSource(Source):
         }
 
     def open(self) -> None:
-        from .lmdb import _decode_text, open_reference_dbs
+        from .lmdb import open_reference_dbs, text_db_examples
 
         self._vocab_info, img_env, txt_env = open_reference_dbs(
             self.img_db, self.txt_db, self.vocab
@@ -258,14 +233,8 @@ class TaskLmdbSource(Source):
         self._img_txn = img_env.begin(buffers=False)
         self.bad_lines: list[tuple[str, str, str]] = []
         self.groups: dict[str, list[dict]] = {}
-        with txt_env.begin(buffers=False) as txn, txn.cursor() as cur:
-            for key, value in cur:
-                ident = bytes(key).decode("utf-8", errors="replace")
-                try:
-                    example = _decode_text(value)
-                except SkipRecord as e:
-                    self.bad_lines.append((e.reason, ident, e.detail))
-                    continue
+        with txt_env.begin(buffers=False) as txn:
+            for ident, example in text_db_examples(txn, self.bad_lines):
                 parsed = self._parse(ident, example)
                 if isinstance(parsed, tuple):
                     self.bad_lines.append(parsed)
@@ -314,12 +283,6 @@ class TaskLmdbSource(Source):
             return {"label": labels[0]}
         return {"answers": [[x, s] for x, s in zip(labels, scores, strict=True)]}
 
-    def total(self) -> int:
-        return len(self.keys)
-
-    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        return units_in_order(cursor, self.keys, str, self._fill)
-
     def _fill(self, unit: Unit, key: str) -> None:
         from .lmdb import _decode_image
 
@@ -330,7 +293,7 @@ class TaskLmdbSource(Source):
             value = self._img_txn.get(name.encode("utf-8"))
             if value is None:
                 raise SkipRecord("no_features", None, f"{name} is not in the image DB")
-            images.append(task_regions(_decode_image(value), self.policy, name)[:2])
+            images.append(kept_regions(_decode_image(value), self.policy, name)[:2])
         meta = {"dataset": self.dataset, "images": lines[0]["images"]}
         if self.task == "vqa":
             meta["num_classes"] = self.num_answers
@@ -340,11 +303,6 @@ class TaskLmdbSource(Source):
             pair = names[0].removesuffix("-img0")
             key = pair if names == [pair + "-img0", pair + "-img1"] else "+".join(names)
         unit.record = TaskRecord(key, self.task, images, [line["item"] for line in lines], meta)
-
-    def final_counts(self, stats: Stats) -> None:
-        for reason, line, detail in self.bad_lines:
-            stats.captions_seen += 1
-            stats.leave_out(reason, f"text DB {line}", detail)
 
     def describe(self) -> dict:
         return {"vocab": self._vocab_info, "soft_labels": "not stored (task shards)"}

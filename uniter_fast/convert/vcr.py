@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -90,23 +90,23 @@ from ..data.schema import BERT_BASE_CASED, MAX_REGIONS, Vocab
 from ..data.task_shards import VCR_SPECIAL_TOKENS, VCR_VOCAB_SIZE, TaskRecord
 from .captions import (
     _NPZ_FIELDS,
+    KEEP_ALL,
     MISSING_SOFT_LABELS,
     UNIFORM_WARNING,
     WordPiece,
-    regions_from_arrays,
+    kept_regions,
 )
 from .common import (
     ConvertError,
+    GroupedSource,
     RegionPolicy,
     SkipRecord,
-    Source,
-    Stats,
     Unit,
     input_fingerprint,
-    read_npz,
+    lacking_strings,
+    read_jsonl,
+    read_npz_file,
     sample_key,
-    select_regions,
-    units_in_order,
 )
 
 __all__ = [
@@ -124,8 +124,7 @@ MAX_PERSON_TAG = VCR_SPECIAL_TOKENS - 1  # person ranks from 80 on share the las
 PERSON = "person"
 JOIN_WORD = "and"
 NUM_CHOICES = 4
-# Ground-truth boxes: every one, in the objects' order (the order is what the tags point at).
-KEEP_ALL = RegionPolicy(min_regions=1, max_regions=MAX_REGIONS)
+MRC_KL = "MRC-kl"  # what the soft labels are for: the second pretraining stage's targets
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,36 +285,6 @@ def _vcr_items(unit: Unit, questions: list[Question], vocab: Vocab) -> list[dict
     return items
 
 
-def _regions(
-    arrays: dict[str, Any],
-    where: str,
-    *,
-    policy: RegionPolicy,
-    keep_order: bool,
-    width: float | None,
-    height: float | None,
-    missing_soft_labels: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(feat float16, loc float32, soft float16, confidence source) of one image's kept
-    regions; SkipRecord naming `where` (its file or key). keep_order: every region, in stored
-    order (ground-truth boxes)."""
-    try:
-        features, loc, conf, soft, conf_source = regions_from_arrays(
-            arrays, width=width, height=height, missing_soft_labels=missing_soft_labels
-        )
-        if keep_order:
-            conf, conf_source = None, "file_order"
-        feat, loc, soft = select_regions(
-            features=features, loc=loc, conf=conf, soft=soft, policy=policy
-        )
-    except SkipRecord as e:
-        detail = e.detail
-        if e.field == "soft_labels" and e.reason == "missing_field":
-            detail = "is missing (MRC-kl needs it; --missing-soft-labels uniform fills it in)"
-        raise SkipRecord(e.reason, e.field, f"{where}: {detail}") from None
-    return feat, loc, soft, conf_source
-
-
 def _gt_regions(
     arrays: dict[str, Any],
     where: str,
@@ -326,19 +295,15 @@ def _gt_regions(
     missing_soft_labels: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every ground-truth box in stored order, one per object (checked when objects is known)."""
-    features = arrays.get("features")
-    n = features.shape[0] if isinstance(features, np.ndarray) and features.ndim == 2 else None
-    if n is not None and n > MAX_REGIONS:
-        detail = f"{where}: {n} ground-truth regions, more than {MAX_REGIONS}"
-        raise SkipRecord("too_many_regions", "features", detail)
-    feat, loc, soft, _ = _regions(
+    feat, loc, soft, _ = kept_regions(
         arrays,
+        KEEP_ALL,
         where,
-        policy=KEEP_ALL,
-        keep_order=True,
         width=width,
         height=height,
+        keep_order=True,
         missing_soft_labels=missing_soft_labels,
+        soft_labels_for=MRC_KL,
     )
     if objects is not None and feat.shape[0] != len(objects):
         raise SkipRecord(
@@ -379,14 +344,14 @@ def _vcr_record(
         height=height,
         missing_soft_labels=missing_soft_labels,
     )
-    det_feat, det_loc, det_soft, unit.conf_source = _regions(
+    det_feat, det_loc, det_soft, unit.conf_source = kept_regions(
         det[0],
+        policy,
         det[1],
-        policy=policy,
-        keep_order=False,
         width=width,
         height=height,
         missing_soft_labels=missing_soft_labels,
+        soft_labels_for=MRC_KL,
     )
     items = _vcr_items(unit, questions, vocab)
     return TaskRecord(
@@ -435,7 +400,7 @@ def _safe_relative(name: str) -> bool:
     return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
 
 
-class VcrJsonlSource(Source):
+class VcrJsonlSource(GroupedSource):
     """The public VCR JSONL + ground-truth and detected per-image .npz (module docstring)."""
 
     kind = "vcr-jsonl"
@@ -481,56 +446,42 @@ class VcrJsonlSource(Source):
         self.groups: dict[str, list[dict]] = {}
         self.bad_lines: list[tuple[str, str, str]] = []  # (reason, where, detail)
         seen: dict[str, int] = {}
-        with self.jsonl.open(encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parsed = self._parse(line, number)
-                if isinstance(parsed, tuple):
-                    self.bad_lines.append(parsed)
-                    continue
-                where = f"{self.jsonl.name} line {number} (annot_id {parsed['id']})"
-                if parsed["id"] in seen:
-                    detail = f"repeats the annot_id of line {seen[parsed['id']]}"
-                    self.bad_lines.append(("duplicate_id", where, detail))
-                    continue
-                group = self.groups.setdefault(parsed["key"], [])
-                if group and group[0]["img_fn"] != parsed["img_fn"]:
-                    detail = (
-                        f"img_fn {parsed['img_fn']!r} has the sample key {parsed['key']!r} of "
-                        f"{group[0]['img_fn']!r}"
-                    )
-                    self.bad_lines.append(("duplicate_key", where, detail))
-                    continue
-                if group and group[0]["objects"] != parsed["objects"]:
-                    detail = (
-                        f"objects differ from those of the first question about "
-                        f"{parsed['img_fn']} (annot_id {group[0]['id']})"
-                    )
-                    self.bad_lines.append(("objects", where, detail))
-                    continue
-                seen[parsed["id"]] = number
-                group.append(parsed)
+        for number, obj in read_jsonl(self.jsonl, self.bad_lines, f"{self.jsonl.name} "):
+            parsed = self._parse(obj, f"{self.jsonl.name} line {number}")
+            if isinstance(parsed, tuple):
+                self.bad_lines.append(parsed)
+                continue
+            where = f"{self.jsonl.name} line {number} (annot_id {parsed['id']})"
+            if parsed["id"] in seen:
+                detail = f"repeats the annot_id of line {seen[parsed['id']]}"
+                self.bad_lines.append(("duplicate_id", where, detail))
+                continue
+            group = self.groups.setdefault(parsed["key"], [])
+            if group and group[0]["img_fn"] != parsed["img_fn"]:
+                detail = (
+                    f"img_fn {parsed['img_fn']!r} has the sample key {parsed['key']!r} of "
+                    f"{group[0]['img_fn']!r}"
+                )
+                self.bad_lines.append(("duplicate_key", where, detail))
+                continue
+            if group and group[0]["objects"] != parsed["objects"]:
+                detail = (
+                    f"objects differ from those of the first question about "
+                    f"{parsed['img_fn']} (annot_id {group[0]['id']})"
+                )
+                self.bad_lines.append(("objects", where, detail))
+                continue
+            seen[parsed["id"]] = number
+            group.append(parsed)
         self.keys = sorted(self.groups)
         if self.missing_soft_labels == "uniform":
             self.warnings.append(UNIFORM_WARNING)
 
-    def _parse(self, line: str, number: int) -> dict | tuple[str, str, str]:
-        where = f"{self.jsonl.name} line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            return ("decode", where, f"is not JSON ({e.msg})")
-        if not isinstance(obj, dict):
-            return ("decode", where, "is not a JSON object")
+    def _parse(self, obj: dict, where: str) -> dict | tuple[str, str, str]:
         annot_id, img_fn, objects = obj.get("annot_id"), obj.get("img_fn"), obj.get("objects")
-        missing = [
-            name
-            for name, value in (("annot_id", annot_id), ("img_fn", img_fn))
-            if not isinstance(value, str) or not value
-        ]
-        if missing:
-            return ("decode", where, f"lacks {', '.join(missing)} (or they are not strings)")
+        problem = lacking_strings(annot_id=annot_id, img_fn=img_fn)
+        if problem:
+            return ("decode", where, problem)
         where = f"{where} (annot_id {annot_id})"
         if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
             return ("decode", where, "objects is not a list of class names")
@@ -590,22 +541,13 @@ class VcrJsonlSource(Source):
             "inputs": inputs,
         }
 
-    def total(self) -> int:
-        return len(self.keys)
-
-    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        return units_in_order(cursor, self.keys, str, self._fill)
-
     def _arrays(self, folder: Path, names: set[str], img_fn: str) -> tuple[dict, str]:
         flat = str(PurePosixPath(img_fn.replace("/", "_")).with_suffix(".npz"))
         stem = PurePosixPath(img_fn).stem + ".npz"
         name = next((n for n in (flat, stem) if n in names), None)
         if name is None:
             raise SkipRecord("no_features", None, f"has no {flat} or {stem} in {folder}")
-        try:
-            return read_npz(folder / name, _NPZ_FIELDS), name
-        except SkipRecord as e:
-            raise SkipRecord(e.reason, e.field, f"{name}: {e.detail}") from None
+        return read_npz_file(folder / name, _NPZ_FIELDS), name
 
     @staticmethod
     def _metadata_name(first: dict) -> str:
@@ -676,11 +618,6 @@ class VcrJsonlSource(Source):
             meta=meta,
         )
 
-    def final_counts(self, stats: Stats) -> None:
-        for reason, where, detail in self.bad_lines:
-            stats.captions_seen += 1
-            stats.leave_out(reason, where, detail)
-
     def describe(self) -> dict:
         return {
             "vocab": {
@@ -713,10 +650,11 @@ class _DbExample:
     extra: dict  # img_fn, width, height when the example holds them
 
 
-class VcrLmdbSource(Source):
+class VcrLmdbSource(GroupedSource):
     """The reference's VCR text DB + ground-truth and detected image DBs (module docstring)."""
 
     kind = "vcr-lmdb"
+    bad_line_prefix = "text DB "
 
     def __init__(
         self,
@@ -737,7 +675,7 @@ class VcrLmdbSource(Source):
         self.missing_soft_labels = missing_soft_labels
         self.policy = policy or RegionPolicy()
         self.vocab = vocab
-        self._envs: list = []
+        self._dbs = None
 
     def identity(self) -> dict:
         files = [self.txt_db / "data.mdb", self.gt_db / "data.mdb", self.det_db / "data.mdb"]
@@ -754,27 +692,13 @@ class VcrLmdbSource(Source):
         }
 
     def open(self) -> None:
-        from .lmdb import _decode_text, open_reference_dbs
+        from .lmdb import open_gt_det_dbs, text_db_examples
 
-        # The same checks for both image DBs; lmdb opens an environment once per process, so
-        # the text DB opened beside the detections is closed before it is opened again.
-        _, det_env, txt_env = open_reference_dbs(self.det_db, self.txt_db, self.vocab)
-        txt_env.close()
-        self._envs = [det_env]
-        self._vocab_info, gt_env, txt_env = open_reference_dbs(self.gt_db, self.txt_db, self.vocab)
-        self._envs += [gt_env, txt_env]
-        self._gt_txn = gt_env.begin(buffers=False)
-        self._det_txn = det_env.begin(buffers=False)
+        self._dbs = open_gt_det_dbs(self.gt_db, self.det_db, self.txt_db, self.vocab)
         self.groups: dict[str, list[_DbExample]] = {}  # gt image name -> its examples
         self.bad_lines: list[tuple[str, str, str]] = []
-        with txt_env.begin(buffers=False) as txn, txn.cursor() as cur:
-            for key, value in cur:
-                ident = bytes(key).decode("utf-8", errors="replace")
-                try:
-                    gt_name, ex = self._parse(ident, _decode_text(value))
-                except SkipRecord as e:
-                    self.bad_lines.append((e.reason, ident, e.detail))
-                    continue
+        with self._dbs.txt.begin(buffers=False) as txn:
+            for _, (gt_name, ex) in text_db_examples(txn, self.bad_lines, self._parse):
                 self.groups.setdefault(gt_name, []).append(ex)
         self.keys = sorted(self.groups)
         if self.missing_soft_labels == "uniform":
@@ -818,25 +742,9 @@ class VcrLmdbSource(Source):
         question = Question(ident, [list(t) for t in texts], *labels)
         return names[0], _DbExample(question, names[1], objects, extra)
 
-    def total(self) -> int:
-        return len(self.keys)
-
-    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        return units_in_order(cursor, self.keys, str, self._fill)
-
-    @staticmethod
-    def _image(txn, name: str, what: str) -> tuple[dict, str]:
-        from .lmdb import _decode_image
-
-        value = txn.get(name.encode("utf-8"))
-        if value is None:
-            raise SkipRecord("no_features", None, f"{name} is not in the {what} image DB")
-        try:
-            return _decode_image(value), name
-        except SkipRecord as e:
-            raise SkipRecord(e.reason, e.field, f"{name}: {e.detail}") from None
-
     def _fill(self, unit: Unit, gt_name: str) -> None:
+        from .lmdb import image_from_db
+
         examples = self.groups[gt_name]
         unit.captions_seen = len(examples)
         first = examples[0]
@@ -863,8 +771,8 @@ class VcrLmdbSource(Source):
         unit.record = _vcr_record(
             unit,
             sample_key(gt_name),
-            self._image(self._gt_txn, gt_name, "ground-truth"),
-            self._image(self._det_txn, first.det_name, "detection"),
+            image_from_db(self._dbs.gt, gt_name, "ground-truth"),
+            image_from_db(self._dbs.det, first.det_name, "detection"),
             [ex.question for ex in kept],
             objects=first.objects,
             width=width,
@@ -875,18 +783,15 @@ class VcrLmdbSource(Source):
             meta=meta,
         )
 
-    def final_counts(self, stats: Stats) -> None:
-        for reason, line, detail in self.bad_lines:
-            stats.captions_seen += 1
-            stats.leave_out(reason, f"text DB {line}", detail)
-
     def describe(self) -> dict:
         return {
-            "vocab": {**self._vocab_info, "object_tags": "as mapped in the reference's text DB"},
+            "vocab": {
+                **self._dbs.vocab_info,
+                "object_tags": "as mapped in the reference's text DB",
+            },
             "soft_labels": _soft_label_note(self.missing_soft_labels),
         }
 
     def close(self) -> None:
-        for env in self._envs:
-            env.close()
-        self._envs = []
+        if self._dbs is not None:
+            self._dbs.close()

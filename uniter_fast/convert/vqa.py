@@ -33,24 +33,19 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from ..data.schema import BERT_BASE_CASED, Vocab
 from ..data.task_shards import TaskRecord
 from .captions import WordPiece, read_task_npz
 from .common import (
     ConvertError,
+    GroupedSource,
     RegionPolicy,
     SkipRecord,
-    Source,
     Stats,
     Unit,
     input_fingerprint,
-    units_in_order,
     write_json_atomic,
 )
 
@@ -139,7 +134,7 @@ def _image_id_of(name: str) -> int | None:
     return int(digits.group(1)) if digits else None
 
 
-class VqaJsonSource(Source):
+class VqaJsonSource(GroupedSource):
     """VQA v2 questions (+ annotations) with per-image .npz features (module docstring)."""
 
     kind = "vqa-json"
@@ -274,12 +269,6 @@ class VqaJsonSource(Source):
             "inputs": inputs,
         }
 
-    def total(self) -> int:
-        return len(self.keys)
-
-    def units(self, cursor: Any, marks: np.ndarray) -> Iterator[Unit]:
-        return units_in_order(cursor, self.keys, str, self._fill)
-
     def _fill(self, unit: Unit, image_id: int) -> None:
         qids = self.groups[image_id]
         unit.captions_seen = len(qids)
@@ -311,9 +300,7 @@ class VqaJsonSource(Source):
     def final_counts(self, stats: Stats) -> None:
         # The vocabulary the targets index, beside the shards (evaluation reads it back).
         write_json_atomic(self.out / "ans2label.json", self.label)
-        for reason, where, detail in self.bad_lines:
-            stats.captions_seen += 1
-            stats.leave_out(reason, where, detail)
+        super().final_counts(stats)
 
     def describe(self) -> dict:
         return {"vocab": self.tokenizer.describe(), "soft_labels": "not stored (task shards)"}
