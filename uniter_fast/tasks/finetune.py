@@ -143,7 +143,56 @@ def _collated(examples: list[dict], collate_task: str, pin: bool):
     return batch.pin_memory() if pin else batch
 
 
-class FinetuneLoader:
+def dealt_batches(
+    order: np.ndarray, rank: int, world: int, plan: Callable[[np.ndarray], list]
+) -> list:
+    """This rank's batches of a shuffled `order` dealt round-robin over `world` ranks: `plan`
+    turns a share into batches, and every rank keeps as many as the fewest of any rank (so
+    the ranks' collectives stay paired)."""
+    batches = plan(order[rank::world])
+    if world == 1:
+        return batches
+    fewest = min(len(plan(order[r::world])) for r in range(world))
+    return batches[:fewest]
+
+
+class EpochLoader:
+    """The bookkeeping of an in-memory loader: a fresh plan of batches every epoch (`_plan`,
+    drawn from (seed, epoch)), the position in it, and that position as the state a resumed
+    loader continues from. Subclasses set `seed`, `rank`, `world` and call `_start(state)`."""
+
+    def _start(self, state: dict | None) -> None:
+        self.epoch, self.done = 0, 0
+        if state is not None:
+            self.epoch, self.done = int(state["epoch"]), int(state["batches"])
+        self._epoch_batches: list | None = None
+
+    def _plan(self) -> list:
+        raise NotImplementedError
+
+    def _batches(self) -> list:
+        """This epoch's batches (planned on first use)."""
+        if self._epoch_batches is None:
+            self._epoch_batches = self._plan()
+        return self._epoch_batches
+
+    def _take(self) -> tuple[int, object]:
+        """(its index in the epoch, the next batch of the plan), moving to the next epoch when
+        this one is done."""
+        if self.done >= len(self._batches()):
+            self.epoch, self.done, self._epoch_batches = self.epoch + 1, 0, None
+        index = self.done
+        self.done += 1
+        return index, self._batches()[index]
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.done}
+
+
+class FinetuneLoader(EpochLoader):
     """Endless (task, batch) of one downstream task for one rank (module docstring)."""
 
     def __init__(
@@ -177,50 +226,23 @@ class FinetuneLoader:
             raise ValueError(
                 f"{task}: {len(self.examples)} training examples for {world_size} ranks"
             )
-        self.epoch, self.done = 0, 0
-        if state is not None:
-            self.epoch, self.done = int(state["epoch"]), int(state["batches"])
-        self._epoch_batches: list[list[int]] | None = None
+        self._start(state)
 
-    def _batches(self) -> list[list[int]]:
-        if self._epoch_batches is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            order = rng.permutation(len(self.examples))
-            mine = order[self.rank :: self.world]
-            batches = token_batches(self.examples, mine, self.tokens_per_batch, self.collate_task)
-            # Every rank runs as many micro-batches as the others (collectives stay paired).
-            fewest = (
-                min(
-                    len(
-                        token_batches(
-                            self.examples,
-                            order[r :: self.world],
-                            self.tokens_per_batch,
-                            self.collate_task,
-                        )
-                    )
-                    for r in range(self.world)
-                )
-                if self.world > 1
-                else len(batches)
-            )
-            self._epoch_batches = batches[:fewest]
-        return self._epoch_batches
-
-    def __iter__(self) -> Iterator[tuple[str, object]]:
-        return self
+    def _plan(self) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+        return dealt_batches(
+            order,
+            self.rank,
+            self.world,
+            lambda share: token_batches(
+                self.examples, share, self.tokens_per_batch, self.collate_task
+            ),
+        )
 
     def __next__(self) -> tuple[str, object]:
-        batches = self._batches()
-        if self.done >= len(batches):
-            self.epoch, self.done, self._epoch_batches = self.epoch + 1, 0, None
-            batches = self._batches()
-        chosen = [self.examples[i] for i in batches[self.done]]
-        self.done += 1
+        _, indices = self._take()
+        chosen = [self.examples[i] for i in indices]
         return self.task, _collated(chosen, self.collate_task, self.pin)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.done}
 
     def close(self) -> None:
         self.examples = []
@@ -372,8 +394,10 @@ def evaluate_finetune(
 
 __all__ = [
     "COLLATE_TASK",
+    "EpochLoader",
     "FinetuneLoader",
     "StreamingFinetuneLoader",
+    "dealt_batches",
     "evaluate_finetune",
     "example_tokens",
     "examples_of",

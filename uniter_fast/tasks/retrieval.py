@@ -46,7 +46,7 @@ from ..data.pipeline import BadSamples
 from ..data.schema import BERT_BASE_CASED
 from ..data.shards import iter_shard, list_shards
 from ..model.downstream import rank_hinge_loss
-from .finetune import greedy_fill
+from .finetune import EpochLoader, greedy_fill
 
 log = logging.getLogger("uniter_fast.retrieval")
 
@@ -439,13 +439,13 @@ def _negatives(rng: np.random.Generator, pool: np.ndarray, exclude: set[int], k:
     return out + [int(c) for c in more]
 
 
-class RetrievalLoader:
+class RetrievalLoader(EpochLoader):
     """Endless ("retrieval", batch) for one rank: plain fine-tuning (the reference's
     `itm_rank_collate`): every positive (caption, its image) with `negatives` random other images
     and `negatives` random captions of other images, drawn from this rank's share of the split
-    (as the reference draws from its GPU's shard). Groups are filled into batches of
-    `tokens_per_batch` real tokens. State (epoch, batches): a resumed loader continues with the
-    very batches the uninterrupted one would have seen."""
+    (as the reference draws from its GPU's shard). A batch holds as many groups as fill
+    `tokens_per_batch` real tokens at the split's mean lengths. State (epoch, batches): a resumed
+    loader continues with the very batches the uninterrupted one would have seen."""
 
     def __init__(
         self,
@@ -469,14 +469,20 @@ class RetrievalLoader:
             )
         self.tokens_per_batch, self.seed, self.negatives = tokens_per_batch, seed, negatives
         self.rank, self.world, self.pin = rank, world_size, pin_memory
-        self.epoch, self.done = 0, 0
-        if state is not None:
-            self.epoch, self.done = int(state["epoch"]), int(state["batches"])
-        self._epoch: list[list[int]] | None = None
+        self._start(state)
 
     @property
     def examples(self) -> list:
         return self.split.texts
+
+    def _order(self) -> np.ndarray:
+        """This epoch's shuffled captions (the same on every rank)."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.split.num_texts)
+
+    def _equal_share(self, order: np.ndarray) -> np.ndarray:
+        """This rank's deal of `order`, as long on every rank (the smallest share's)."""
+        fewest = min(len(order[r :: self.world]) for r in range(self.world))
+        return order[self.rank :: self.world][:fewest]
 
     def _group(self, t: int, rng) -> list[tuple[int, int, int]]:
         """(text, image, target) of positive t and its negatives."""
@@ -486,45 +492,29 @@ class RetrievalLoader:
         neg_txts = _negatives(rng, self._mine, set(s.img2txts[i]), self.negatives)
         return [(t, i, 1)] + [(t, j, 0) for j in neg_imgs] + [(u, i, 0) for u in neg_txts]
 
-    def _batches(self) -> list[list[int]]:
-        if self._epoch is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            order = rng.permutation(self.split.num_texts)
-            shares = [order[r :: self.world] for r in range(self.world)]
-            self._mine = np.sort(shares[self.rank])
-            imgs = np.unique(np.asarray(self.split.txt2img)[self._mine])
-            # Another image must exist to draw from: a rank holding one image draws from all.
-            self._mine_imgs = imgs if imgs.size > 1 else np.arange(self.split.num_images)
-            per_group = 1 + 2 * self.negatives
-            # Batches of whole groups; every rank the same count (the smallest share's).
-            fewest = min(len(sh) for sh in shares)
-            mean_len = np.mean([len(x) for x in self.split.texts]) + np.mean(
-                [len(f) for f, _ in self.split.images]
-            )
-            groups = max(int(self.tokens_per_batch // (per_group * mean_len)), 1)
-            mine = shares[self.rank][:fewest]
-            self._epoch = [list(mine[a : a + groups]) for a in range(0, fewest, groups)]
-        return self._epoch
-
-    def __iter__(self):
-        return self
+    def _plan(self) -> list[list[int]]:
+        order = self._order()
+        # The negatives' pools: this rank's whole share of the captions and their images.
+        self._mine = np.sort(order[self.rank :: self.world])
+        imgs = np.unique(np.asarray(self.split.txt2img)[self._mine])
+        # Another image must exist to draw from: a rank holding one image draws from all.
+        self._mine_imgs = imgs if imgs.size > 1 else np.arange(self.split.num_images)
+        mean_len = np.mean([len(x) for x in self.split.texts]) + np.mean(
+            [len(f) for f, _ in self.split.images]
+        )
+        per_batch = max(int(self.tokens_per_batch // ((1 + 2 * self.negatives) * mean_len)), 1)
+        mine = self._equal_share(order)
+        return [list(mine[a : a + per_batch]) for a in range(0, len(mine), per_batch)]
 
     def __next__(self):
-        batches = self._batches()
-        if self.done >= len(batches):
-            self.epoch, self.done, self._epoch = self.epoch + 1, 0, None
-            batches = self._batches()
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.done])
+        index, positives = self._take()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, index])
         examples = []
-        for t in batches[self.done]:
+        for t in positives:
             for u, i, target in self._group(int(t), rng):
                 examples.append(self.split.example(u, i) | {"target": target})
-        self.done += 1
         batch = collate(examples, task="retrieval")
         return "retrieval", batch.pin_memory() if self.pin else batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.done}
 
     def close(self) -> None:
         pass
@@ -581,39 +571,26 @@ class HardNegativeLoader(RetrievalLoader):
             positives,
         )
 
-    def _batches(self) -> list[list[int]]:
-        if self._epoch is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            order = rng.permutation(self.split.num_texts)
-            shares = [order[r :: self.world] for r in range(self.world)]
-            fewest = min(len(sh) for sh in shares)
-            mine = shares[self.rank][:fewest]
-            p = self.positives
-            self._epoch = [list(mine[a : a + p]) for a in range(0, fewest - p + 1, p)] or [
-                list(mine)
-            ]
-        return self._epoch
+    def _plan(self) -> list[list[int]]:
+        mine, p = self._equal_share(self._order()), self.positives
+        return [list(mine[a : a + p]) for a in range(0, len(mine) - p + 1, p)] or [list(mine)]
 
     def __next__(self):
-        batches = self._batches()
-        if self.done >= len(batches):
-            self.epoch, self.done, self._epoch = self.epoch + 1, 0, None
-            batches = self._batches()
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.done])
+        index, positives = self._take()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, index])
         s = self.split
         all_imgs, all_txts = np.arange(s.num_images), np.arange(s.num_texts)
         k = min(self.negative_size, s.num_images - 1)
         groups = []
-        for t in batches[self.done]:
+        for t in positives:
             t = int(t)
             i = s.txt2img[t]
             groups.append([(t, i)] + [(t, j) for j in _negatives(rng, all_imgs, {i}, k)])
-        for t in batches[self.done]:
+        for t in positives:
             i = s.txt2img[int(t)]
             pos = int(rng.choice(s.img2txts[i]))
             neg = _negatives(rng, all_txts, set(s.img2txts[i]), self.negative_size)
             groups.append([(pos, i)] + [(u, i) for u in neg])
-        self.done += 1
         work = HardNegativeWork(s, groups, self.hard_neg_size, self.tokens_per_batch, pin=self.pin)
         return "retrieval", work
 

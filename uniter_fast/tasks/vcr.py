@@ -33,7 +33,7 @@ from ..data.pipeline import BadSamples
 from ..data.schema import BERT_BASE_CASED
 from ..data.shards import list_shards
 from ..data.task_shards import TaskRecord, iter_task_shard
-from .finetune import greedy_fill
+from .finetune import EpochLoader, dealt_batches, greedy_fill
 from .mlm import IGNORE, mask_tokens
 from .mrm import mask_regions
 
@@ -145,12 +145,21 @@ def _fill(groups: Sequence[list[dict]], budget: int) -> Iterator[list]:
     return greedy_fill(groups, _group_tokens, budget)
 
 
-def _fill_indices(order, groups: Sequence[list[dict]], budget: int) -> Iterator[list[int]]:
-    """The same over group indices in `order`."""
-    return greedy_fill((int(i) for i in order), lambda i: _group_tokens(groups[i]), budget)
+def _dealt_groups(loader: EpochLoader, groups: Sequence[list[dict]]) -> list[list[int]]:
+    """`loader`'s batches this epoch: `groups` shuffled from (seed, epoch), dealt over the ranks,
+    whole groups filled up to its token budget."""
+    order = np.random.default_rng([loader.seed, loader.epoch]).permutation(len(groups))
+
+    def tokens(i: int) -> int:
+        return _group_tokens(groups[i])
+
+    def plan(share) -> list[list[int]]:
+        return list(greedy_fill((int(i) for i in share), tokens, loader.tokens_per_batch))
+
+    return dealt_batches(order, loader.rank, loader.world, plan)
 
 
-class VcrLoader:
+class VcrLoader(EpochLoader):
     """Endless ("vcr", batch) for one rank: every question's Q->A and QA->R groups, shuffled per
     epoch, dealt over ranks, whole groups per batch. State (epoch, batches)."""
 
@@ -173,42 +182,20 @@ class VcrLoader:
             raise ValueError(f"vcr: {len(self.groups)} training groups for {world_size} ranks")
         self.tokens_per_batch, self.seed = tokens_per_batch, seed
         self.rank, self.world, self.pin = rank, world_size, pin_memory
-        self.epoch, self.done = 0, 0
-        if state is not None:
-            self.epoch, self.done = int(state["epoch"]), int(state["batches"])
-        self._epoch: list[list[int]] | None = None
+        self._start(state)
 
     @property
     def examples(self) -> list:
         return self.groups
 
-    def _batches(self) -> list[list[int]]:
-        if self._epoch is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            order = rng.permutation(len(self.groups))
-            shares = [
-                list(_fill_indices(order[r :: self.world], self.groups, self.tokens_per_batch))
-                for r in range(self.world)
-            ]
-            fewest = min(len(s) for s in shares)
-            self._epoch = shares[self.rank][:fewest]
-        return self._epoch
-
-    def __iter__(self):
-        return self
+    def _plan(self) -> list[list[int]]:
+        return _dealt_groups(self, self.groups)
 
     def __next__(self):
-        batches = self._batches()
-        if self.done >= len(batches):
-            self.epoch, self.done, self._epoch = self.epoch + 1, 0, None
-            batches = self._batches()
-        examples = [ex for g in batches[self.done] for ex in self.groups[g]]
-        self.done += 1
+        _, indices = self._take()
+        examples = [ex for g in indices for ex in self.groups[g]]
         batch = collate(examples, task="vcr")
         return "vcr", batch.pin_memory() if self.pin else batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.done}
 
     def close(self) -> None:
         self.groups = []
@@ -247,7 +234,7 @@ def mask_for(task: str, ex: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-class VcrPretrainLoader:
+class VcrPretrainLoader(EpochLoader):
     """Endless (task, batch) of the second pretraining stage for one rank (module docstring).
     `mix`: {task: weight} over mlm, mrfr, mrckl. The task of micro-batch k is drawn from
     (seed, k) alone, so every rank runs the same task at the same micro-batch. State as
@@ -285,47 +272,28 @@ class VcrPretrainLoader:
         self.weights = weights / weights.sum()
         self.tokens_per_batch, self.seed = tokens_per_batch, seed
         self.rank, self.world, self.pin = rank, world_size, pin_memory
-        self.epoch, self.done, self.step = 0, 0, 0
-        if state is not None:
-            self.epoch, self.done, self.step = (int(state[k]) for k in ("epoch", "batches", "k"))
-        self._epoch: list[list[int]] | None = None
+        self._start(state)
+        self.step = int(state["k"]) if state is not None else 0  # micro-batches so far
 
     @property
     def examples(self) -> list:
         return self.items
 
-    def _batches(self) -> list[list[int]]:
-        if self._epoch is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            order = rng.permutation(len(self.items))
-            groups = [[ex] for ex in self.items]
-            shares = [
-                list(_fill_indices(order[r :: self.world], groups, self.tokens_per_batch))
-                for r in range(self.world)
-            ]
-            fewest = min(len(s) for s in shares)
-            self._epoch = shares[self.rank][:fewest]
-        return self._epoch
-
-    def __iter__(self):
-        return self
+    def _plan(self) -> list[list[int]]:
+        return _dealt_groups(self, [[ex] for ex in self.items])
 
     def __next__(self):
-        batches = self._batches()
-        if self.done >= len(batches):
-            self.epoch, self.done, self._epoch = self.epoch + 1, 0, None
-            batches = self._batches()
+        _, indices = self._take()
         draw = np.random.default_rng([self.seed, 7, self.step])
         task = self.tasks[int(draw.choice(len(self.tasks), p=self.weights))]
         rng = np.random.default_rng([self.seed, self.rank, self.step])
-        examples = [mask_for(task, self.items[i], rng) for i in batches[self.done]]
-        self.done += 1
+        examples = [mask_for(task, self.items[i], rng) for i in indices]
         self.step += 1
         batch = collate(examples, task=task)
         return task, batch.pin_memory() if self.pin else batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.done, "k": self.step}
+        return {**super().state_dict(), "k": self.step}
 
     def close(self) -> None:
         self.items = []
